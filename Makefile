@@ -1,0 +1,44 @@
+# twofold — the two set-up commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+DATA   ?= data
+
+.PHONY: run test lint typecheck unit bench system-deps clean walkthrough
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstall when pyproject.toml changes.
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
+	touch $@
+
+## make run: the main job — the client walkthrough against a local mTLS endpoint.
+run: $(DEPS)
+	$(BIN)/python scripts/walkthrough.py
+
+## make test: install what the tests need (Python packages; openssl, curl, nginx,
+## chromium from Debian when missing), then lint, type-check and run every suite.
+test: $(DEPS) system-deps lint typecheck unit
+
+system-deps:
+	@scripts/system-deps.sh
+
+lint: $(DEPS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(DEPS)
+	$(BIN)/mypy
+
+unit: $(DEPS)
+	$(BIN)/pytest -n 2 -q
+
+bench: $(DEPS) system-deps
+	$(BIN)/python bench/jws_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist src/*.egg-info
