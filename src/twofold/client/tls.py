@@ -1,19 +1,9 @@
-"""SSL contexts for mTLS clients from keys in any form, and explanations of TLS failures.
-
-Python's ``ssl`` only loads a client key from a file path. To accept encrypted keys,
-DER, PKCS#12 and in-memory keys without ever writing a plaintext key to disk, the key is
-re-encrypted under a random one-time password and handed to OpenSSL through an anonymous
-in-memory file (``memfd``) where the platform has one, or a private temporary file that
-is deleted at once otherwise.
-"""
+"""SSL contexts for mTLS clients from keys in any form, and explanations of TLS failures."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import ssl
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +12,7 @@ from cryptography import x509
 from twofold.crypto import certs as _certs
 from twofold.crypto import keys as _keys
 from twofold.errors import ClientError, TwofoldError
+from twofold.tls import load_into_context
 
 KeySource = str | os.PathLike[str] | bytes | _keys.PrivateKey
 CertSource = str | os.PathLike[str] | bytes | x509.Certificate
@@ -85,40 +76,6 @@ def load_client_credentials(
     return private, certificate, chain
 
 
-@contextlib.contextmanager
-def _private_file(data: bytes) -> Iterator[str]:
-    memfd = getattr(os, "memfd_create", None)
-    if memfd is not None and os.path.isdir("/proc/self/fd"):
-        fd = memfd("twofold-client-key", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            os.write(fd, data)
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    fd, path = tempfile.mkstemp(prefix="twofold-", suffix=".pem")  # created 0600
-    try:
-        os.write(fd, data)
-        os.close(fd)
-        yield path
-    finally:
-        os.unlink(path)
-
-
-def load_into_context(
-    context: ssl.SSLContext,
-    key: _keys.PrivateKey,
-    certificate: x509.Certificate,
-    chain: tuple[x509.Certificate, ...] = (),
-) -> None:
-    """``context.load_cert_chain`` from objects, without a plaintext key on disk."""
-    password = secrets.token_bytes(32).hex().encode()
-    pem = b"".join(_certs.certificate_pem(c) for c in (certificate, *chain))
-    pem += _keys.private_key_bytes(key, passphrase=password)
-    with _private_file(pem) as path:
-        context.load_cert_chain(path, password=password)
-
-
 def client_context(
     *,
     cert: CertSource | None = None,
@@ -162,7 +119,7 @@ _REFUSED_CLIENT_CERT = (
 
 def explain_tls_failure(exc: BaseException, *, sent_client_cert: bool, host: str = "") -> TwofoldError:
     """Turn a TLS or connection failure into a message that names the likely cause."""
-    text = " ".join(str(e) for e in _chain(exc))
+    text = " ".join(dict.fromkeys(str(e) for e in _chain(exc) if str(e)))
     upper = text.upper()
     if "CERTIFICATE_VERIFY_FAILED" in upper or "CERTIFICATE VERIFY FAILED" in upper:
         if "hostname" in text.lower() or "IP address mismatch" in text:
@@ -193,10 +150,18 @@ def explain_tls_failure(exc: BaseException, *, sent_client_cert: bool, host: str
         return ClientError(f"nothing accepts connections at {host or 'that address'}", code="connect_refused")
     if "timed out" in text.lower():
         return ClientError(f"the connection to {host or 'the server'} timed out", code="timeout")
-    if sent_client_cert and ("EOF" in upper or "reset" in text.lower() or "disconnected" in text.lower()):
+    if "EOF" in upper or "reset" in text.lower() or "disconnected" in text.lower():
+        # Under TLS 1.3 a refused client certificate shows up as a closed connection on
+        # the first read, after a handshake that looked successful.
+        if not sent_client_cert:
+            return ClientError(
+                "the server closed the connection after the TLS handshake: it most likely requires a "
+                "client certificate; pass --cert and --key",
+                code="tls_no_client_cert",
+            )
         return ClientError(
-            "the server closed the connection right after the TLS handshake: it most likely did not "
-            f"accept the client certificate ({text.strip() or type(exc).__name__})",
+            "the server closed the connection after the TLS handshake: it most likely did not accept "
+            "the client certificate (not registered for this environment, removed, or expired)",
             code="tls_client_cert_refused",
         )
     return ClientError(f"the connection failed: {text.strip() or type(exc).__name__}", code="connect_failed")

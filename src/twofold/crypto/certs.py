@@ -194,7 +194,8 @@ def issue_certificate(
     if days < 1:
         raise CertificateError("--days must be at least 1", code="validity_invalid")
     name = parse_subject(subject) if isinstance(subject, str) else subject
-    start = (not_before or dt.datetime.now(dt.UTC)) - dt.timedelta(minutes=5)
+    now = not_before or dt.datetime.now(dt.UTC)
+    start = now - dt.timedelta(minutes=5)  # tolerate clocks a little behind ours
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -202,7 +203,7 @@ def issue_certificate(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
     if issuer is not None:

@@ -20,7 +20,7 @@ from twofold.errors import KeyLoadError
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-Passphrase = bytes | str | Callable[[], bytes | str] | None
+Passphrase = bytes | str | Callable[[], bytes | str | None] | None
 """A passphrase, or a function asked for one only when the key turns out to be encrypted."""
 
 CURVES: dict[str, type[ec.EllipticCurve]] = {

@@ -1,0 +1,45 @@
+"""The `twofold` command: noun-verb, one module per noun."""
+
+from __future__ import annotations
+
+import click
+
+from twofold import __version__
+from twofold.cli._common import Group
+from twofold.cli.call import call
+from twofold.cli.credentials import cert, csr, init, key
+from twofold.cli.jws import jws_group
+
+
+@click.group(
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    help="""twofold — mutual TLS plus JWS-signed request bodies.
+
+\b
+Client toolkit:
+  init     key + CSR + self-signed certificate for mTLS and for signing, in one go
+  key      private keys          csr   certificate signing requests
+  cert     certificates          jws   sign / verify compact JWS
+  call     curl for mTLS + JWS APIs
+
+\b
+Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
+
+\b
+Start here:
+  $ twofold init --cn acme-cat
+  $ twofold cert show acme-cat/mtls.crt
+""",
+)
+@click.version_option(__version__, prog_name="twofold")
+def main() -> None:
+    pass
+
+
+main.add_command(init)
+main.add_command(key)
+main.add_command(csr)
+main.add_command(cert)
+main.add_command(jws_group, "jws")
+main.add_command(call)

@@ -1,0 +1,152 @@
+"""A throwaway local mTLS endpoint: requires a client certificate from a pinned set,
+verifies a JWS body against given signature certificates, and echoes what it saw.
+
+Used by ``make run``'s client walkthrough and by the client tests; the real gateway is
+``twofold serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+
+from twofold.crypto import certs, jws
+from twofold.crypto.ca import LocalCA
+from twofold.errors import JWSError
+from twofold.tls import server_context
+
+SIGNED_TYPES = ("application/jose", "text/xml")
+
+
+def echo_app(signature_certs: Sequence[x509.Certificate] = ()) -> web.Application:
+    verifier = jws.Verifier(signature_certs) if signature_certs else None
+
+    async def echo(request: web.Request) -> web.Response:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        body = await request.read()
+        seen: dict[str, Any] = {
+            "method": request.method,
+            "path": request.path,
+            "query": dict(request.query),
+            "headers": {k: v for k, v in request.headers.items() if k.lower() != "authorization"},
+            "tls": ssl_object.version() if ssl_object else None,
+            "client_certificate": (
+                {
+                    "sha256": certs.fingerprint_sha256(der),
+                    "subject": x509.load_der_x509_certificate(der).subject.rfc4514_string(),
+                }
+                if der
+                else None
+            ),
+        }
+        if request.content_type in SIGNED_TYPES and body:
+            if verifier is None:
+                return _error(400, "no_signature_keys", "this endpoint has no signature certificates")
+            try:
+                verified = verifier.verify(body)
+            except JWSError as error:
+                return _error(error.status if error.status != 400 else 401, error.code, error.message)
+            seen["signature"] = {"verified": True, "alg": verified.alg, "signer": verified.key.label}
+            body = verified.payload
+        try:
+            seen["body"] = json.loads(body) if body else None
+        except ValueError:
+            seen["body"] = body.decode("utf-8", "replace")
+        return web.json_response(seen)
+
+    app = web.Application(client_max_size=1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class EchoServer:
+    """Runs :func:`echo_app` over TLS in a background thread::
+
+    with EchoServer(trusted=[client_cert], signature_certs=[sign_cert]) as server:
+        httpx.get(server.url, verify=server.ca_pem_path, ...)
+    """
+
+    def __init__(
+        self,
+        *,
+        trusted: Sequence[x509.Certificate],
+        signature_certs: Sequence[x509.Certificate] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ca: LocalCA | None = None,
+    ) -> None:
+        self.ca = ca or LocalCA("twofold echo CA")
+        issued = self.ca.issue("localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1"])
+        self.server_certificate = issued.certificate
+        self.context = server_context(issued.key, issued.certificate, trusted=trusted)
+        self.app = echo_app(signature_certs)
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return certs.certificate_pem(self.ca.certificate)
+
+    def start(self) -> EchoServer:
+        self._thread = threading.Thread(target=self._run, name="twofold-echo", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        loop.run_forever()
+        loop.run_until_complete(self._cleanup())
+        loop.close()
+
+    async def _serve(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> EchoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
