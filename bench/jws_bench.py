@@ -182,7 +182,8 @@ def build_impls(m: Material) -> list[Impl]:
             f"PyJWT {importlib.metadata.version('PyJWT')}",
             lambda: pyjws.encode(PAYLOAD, m.private_key, algorithm="RS256"),
             lambda token: pyjws.decode_complete(token, m.public_key, algorithms=["RS256"]),
-            "`PyJWS.encode` (signs the exact bytes; header adds `typ`); `PyJWS.decode_complete` (no JWT claim checks)",
+            "`PyJWS.encode` (signs the exact bytes; header adds `typ`); "
+            "`PyJWS.decode_complete` (no JWT claim checks)",
         ),
         Impl(
             f"joserfc {importlib.metadata.version('joserfc')}",
@@ -196,7 +197,8 @@ def build_impls(m: Material) -> list[Impl]:
             f"jwcrypto {importlib.metadata.version('jwcrypto')}",
             jwcrypto_sign,
             jwcrypto_verify,
-            "`JWS.add_signature` / `JWS.deserialize(key=...)`, pre-imported `JWK`; str token (it takes no bytes)",
+            "`JWS.add_signature` / `JWS.deserialize(key=...)`, pre-imported `JWK`; "
+            "str token (it takes no bytes)",
             str_token=True,
         ),
     ]
@@ -395,7 +397,10 @@ def markdown_table(impls: list[Impl], results: Results) -> str:
 
 
 def text_table(impls: list[Impl], results: Results) -> str:
-    header = f"{'implementation':<22}{'sign/s':>10}{'× raw':>8}{'spread':>8}{'verify/s':>11}{'× raw':>8}{'spread':>8}"
+    header = (
+        f"{'implementation':<22}{'sign/s':>10}{'× raw':>8}{'spread':>8}"
+        f"{'verify/s':>11}{'× raw':>8}{'spread':>8}"
+    )
     lines = [header, "-" * len(header)]
     for impl in impls:
         cells = []
@@ -479,9 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.json:
         print(f"JWS RS256 benchmark\n{describe_run(facts, args)}\n")
         sys.stdout.flush()
-    results = measure(
-        impls, token, args.rounds, args.seconds, clock, progress=not (args.json or args.markdown)
-    )
+    results = measure(impls, token, args.rounds, args.seconds, clock, progress=sys.stderr.isatty())
     checks = check_targets(impls, results)
 
     if args.json:

@@ -1,0 +1,144 @@
+"""Engines, migrations and transactions that survive concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from twofold.errors import TwofoldError
+
+T = TypeVar("T")
+log = logging.getLogger("twofold.registry")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def normalise_url(url: str) -> str:
+    """Accept what people type: a file path, ``sqlite:///x.db``, ``postgresql://…``."""
+    if "://" not in url:
+        return f"sqlite+aiosqlite:///{Path(url).resolve()}"
+    scheme, rest = url.split("://", 1)
+    if scheme in ("sqlite", "sqlite+pysqlite"):
+        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"):
+        return f"postgresql+asyncpg://{rest}"
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return normalise_url(url).startswith("sqlite")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def create_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> AsyncEngine:
+    """An engine for ``url``. On SQLite, writers start with BEGIN IMMEDIATE; a ``readonly``
+    engine (the gateway's) uses deferred transactions and never waits for writers (WAL)."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # WAL lets gateway processes read while the portal writes; foreign keys are off
+            # by default in SQLite. Transactions start with BEGIN IMMEDIATE (see below).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Take the write lock at the start: read-then-write transactions cannot then
+            # deadlock on lock upgrade (SQLITE_BUSY without waiting).
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, **kwargs)
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema up to date (idempotent). Runs Alembic in this thread."""
+    if is_sqlite(url):
+        path = normalise_url(url).split(":///", 1)[1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")
+
+
+async def migrate_async(url: str) -> None:
+    await asyncio.to_thread(migrate, url)
+
+
+class Retry(Exception):
+    """Raised inside a transaction to run it again (a unique-constraint race was lost)."""
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (IntegrityError, Retry)):
+        return True
+    if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
+        return True
+    if isinstance(exc, DBAPIError):
+        code = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+            getattr(exc, "orig", None), "pgcode", None
+        )
+        return code in ("40001", "40P01", "23505")
+    return False
+
+
+async def in_transaction(
+    maker: async_sessionmaker[AsyncSession],
+    work: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = 8,
+) -> T:
+    """Run ``work`` in a transaction; on a lost race (unique violation, serialisation
+    failure, SQLite lock) roll back and run it again, so that its checks see the winner's
+    row and refuse cleanly instead of surfacing a database error."""
+    last: BaseException | None = None
+    for attempt in range(attempts):
+        async with maker() as session:
+            try:
+                async with session.begin():
+                    return await work(session)
+            except TwofoldError:
+                raise
+            except Exception as exc:
+                if not _is_retryable(exc):
+                    raise
+                last = exc
+                log.debug("transaction retry %d after %s", attempt + 1, type(exc).__name__)
+        await asyncio.sleep(0.005 * (attempt + 1))
+    raise TwofoldError(
+        "the registry is busy with concurrent changes; try again", code="registry_busy", status=503
+    ) from last
