@@ -321,6 +321,12 @@ def sha1_thumbprint(cert: x509.Certificate | bytes) -> str:
     return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
 
 
+def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
+    """Whole days until expiry, rounded up: a certificate valid for 365 days shows 365."""
+    now = now or dt.datetime.now(dt.UTC)
+    return -((now - not_after) // dt.timedelta(days=1))
+
+
 def common_name(name: x509.Name) -> str | None:
     values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not values:
@@ -450,8 +456,8 @@ def certificate_warnings(cert: x509.Certificate, now: dt.datetime | None = None)
         warnings.append(f"expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     elif cert.not_valid_before_utc > now:
         warnings.append(f"not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-    elif (cert.not_valid_after_utc - now).days < 30:
-        warnings.append(f"expires in {(cert.not_valid_after_utc - now).days} days")
+    elif days_left(cert.not_valid_after_utc, now) < 30:
+        warnings.append(f"expires in {days_left(cert.not_valid_after_utc, now)} days")
     public = cert.public_key()
     if isinstance(public, rsa.RSAPublicKey) and public.key_size < 2048:
         warnings.append(f"RSA key of {public.key_size} bits is too weak (2048 is the minimum)")
@@ -486,7 +492,7 @@ def describe_certificate(cert: x509.Certificate, now: dt.datetime | None = None)
         serial=format(cert.serial_number, "X"),
         not_before=cert.not_valid_before_utc.isoformat(),
         not_after=cert.not_valid_after_utc.isoformat(),
-        days_left=(cert.not_valid_after_utc - now).days,
+        days_left=days_left(cert.not_valid_after_utc, now),
         expired=cert.not_valid_after_utc < now,
         not_yet_valid=cert.not_valid_before_utc > now,
         key=key,
