@@ -1,0 +1,109 @@
+"""The portal application: wiring only (see pages.py and api.py for the handlers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from twofold.errors import TwofoldError
+from twofold.portal import api, pages
+from twofold.portal.web import (
+    CONFIG,
+    CSRF,
+    LIMITER,
+    MAX_BODY,
+    PRINCIPAL,
+    REGISTRY,
+    SESSION_COOKIE,
+    Handler,
+    LoginLimiter,
+    PortalConfig,
+    error_status,
+    is_api,
+    json_error,
+    log_unexpected,
+    render_error_json,
+    security_headers,
+)
+from twofold.registry.service import Registry
+
+HERE = Path(__file__).parent
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "file_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refusals become JSON (API) or a page (browser) with a 4xx; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, f"http_{exc.status}")
+        message = {
+            413: f"the request body is larger than {MAX_BODY // 1024} KB; a certificate is a few KB",
+            404: "no such page or endpoint",
+            405: "method not allowed here",
+        }.get(exc.status, exc.reason)
+        if is_api(request):
+            return json_error(exc.status, code, message)
+        return await pages.render(
+            request,
+            "error.html",
+            {},
+            status=exc.status,
+            error=TwofoldError(message, code=code, status=exc.status),
+        )
+    except TwofoldError as error:
+        if is_api(request):
+            return render_error_json(error)
+        return await pages.render(request, "error.html", {}, status=error_status(error), error=error)
+    except Exception as exc:
+        log_unexpected(request, exc)
+        if is_api(request):
+            return json_error(500, "internal_error", "something went wrong on our side; it has been logged")
+        return web.Response(status=500, text="Something went wrong on our side; it has been logged.")
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API: bearer tokens only (no cookies, so no CSRF). Pages: the session cookie."""
+    registry = request.app[REGISTRY]
+    if is_api(request):
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return json_error(401, "token_invalid", "send the token as 'Authorization: Bearer <token>'")
+            request[PRINCIPAL] = await registry.token_principal(token.strip())
+    else:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            found = await registry.session_principal(cookie)
+            if found is not None:
+                request[PRINCIPAL], request[CSRF] = found
+    return await handler(request)
+
+
+def init_app(registry: Registry, config: PortalConfig | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[security_headers, errors, authenticate])
+    app[REGISTRY] = registry
+    app[CONFIG] = config or PortalConfig()
+    app[LIMITER] = LoginLimiter()
+    env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+    env.globals["static"] = lambda name: f"/static/{name}"
+    api.add_routes(app)
+    app.router.add_routes(pages.routes)
+    app.router.add_static("/static", HERE / "static", append_version=True)
+    return app

@@ -1,0 +1,478 @@
+"""Server-rendered pages. Forms post back with a CSRF token; a refusal re-renders the page
+with the message and a 4xx status, a success redirects with a flash message."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from twofold.errors import TwofoldError
+from twofold.portal.web import (
+    CONFIG,
+    CSRF,
+    FLASH_COOKIE,
+    LIMITER,
+    REGISTRY,
+    SESSION_COOKIE,
+    client_address,
+    error_status,
+    principal,
+)
+from twofold.registry.auth import ROLE_LABELS, Principal
+from twofold.registry.rules import Forbidden, RegistryError
+from twofold.registry.service import Registry
+
+routes = web.RouteTableDef()
+
+
+def _registry(request: web.Request) -> Registry:
+    return request.app[REGISTRY]
+
+
+def _signed_in(request: web.Request) -> Principal:
+    who = principal(request)
+    if who is None:
+        raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
+    return who
+
+
+async def _form(request: web.Request) -> dict[str, Any]:
+    """The posted form, after checking its CSRF token against the session's."""
+    form = await request.post()
+    sent = str(form.get("csrf_token", ""))
+    expected = request.get(CSRF, "")
+    if not expected or not hmac.compare_digest(sent, expected):
+        raise Forbidden(
+            "the form expired or did not come from this portal; reload the page and try again",
+            code="csrf_failed",
+        )
+    return dict(form)
+
+
+def _redirect(location: str, flash: str | None = None) -> web.HTTPSeeOther:
+    response = web.HTTPSeeOther(location)
+    if flash:
+        response.set_cookie(
+            FLASH_COOKIE, quote(flash), max_age=60, httponly=True, samesite="Strict", path="/"
+        )
+    return response
+
+
+async def render(
+    request: web.Request,
+    template: str,
+    context: dict[str, Any],
+    *,
+    status: int = 200,
+    error: TwofoldError | None = None,
+) -> web.Response:
+    who = principal(request)
+    flash = request.cookies.get(FLASH_COOKIE)
+    base = {
+        "who": who,
+        "role_labels": ROLE_LABELS,
+        "csrf_token": request.get(CSRF, ""),
+        "title": request.app[CONFIG].title,
+        "flash": _unquote(flash) if flash else None,
+        "error": error,
+        "path": request.path,
+    }
+    response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
+    if flash:
+        response.del_cookie(FLASH_COOKIE, path="/")
+    return response
+
+
+def _unquote(value: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(value)[:300]
+
+
+# --- sign in / out ---------------------------------------------------------------------------
+
+
+def _safe_next(value: str | None) -> str:
+    if not value:
+        return "/security"
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or not value.startswith("/") or value.startswith("//"):
+        return "/security"
+    return value
+
+
+@routes.get("/login")
+async def login_page(request: web.Request) -> web.Response:
+    return await render(request, "login.html", {"next": _safe_next(request.query.get("next")), "email": ""})
+
+
+@routes.post("/login")
+async def login(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    email = str(form.get("email", "")).strip()
+    password = str(form.get("password", ""))
+    next_url = _safe_next(str(form.get("next", "")))
+    limiter = request.app[LIMITER]
+    address = client_address(request)
+    wait = limiter.retry_after(address, email)
+    context = {"next": next_url, "email": email}
+    if wait:
+        error = RegistryError(
+            f"too many failed sign-ins; try again in {wait} seconds", code="login_rate_limited", status=429
+        )
+        response = await render(request, "login.html", context, status=429, error=error)
+        response.headers["Retry-After"] = str(wait)
+        return response
+    try:
+        who = await _registry(request).authenticate(email, password)
+    except TwofoldError as error:
+        limiter.failed(address, email)
+        return await render(request, "login.html", context, status=401, error=error)
+    limiter.succeeded(address, email)
+    cookie, _csrf = await _registry(request).create_session(who)
+    response = web.HTTPSeeOther(next_url)
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        secure=request.app[CONFIG].secure_cookies,
+        max_age=8 * 3600,
+    )
+    raise response
+
+
+@routes.post("/logout")
+async def logout(request: web.Request) -> web.StreamResponse:
+    await _form(request)
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        await _registry(request).end_session(cookie)
+    response = web.HTTPSeeOther("/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+@routes.get("/")
+async def home(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    raise web.HTTPSeeOther("/admin/organisations" if who.is_operator else "/security")
+
+
+# --- security: certificates ----------------------------------------------------------------------
+
+
+async def _security(
+    request: web.Request,
+    env_id: str | None,
+    *,
+    status: int = 200,
+    error: TwofoldError | None = None,
+    use: str = "mtls",
+) -> web.Response:
+    who = _signed_in(request)
+    registry = _registry(request)
+    envs = await registry.list_environments()
+    if not envs:
+        raise RegistryError("no environments are configured yet", code="environment_not_found")
+    current = next((e for e in envs if e["id"] == env_id), envs[0])
+    org = request.query.get("org") if who.is_operator else None
+    rows = (
+        await registry.list_certificates(who, current["id"], org=org)
+        if (who.org_id or who.is_operator)
+        else []
+    )
+    gateway = dict(request.app[CONFIG].gateway_urls).get(current["id"])
+    return await render(
+        request,
+        "security.html",
+        {
+            "envs": envs,
+            "env": current,
+            "certificates": rows,
+            "can_manage": who.manages_certificates,
+            "use": use,
+            "gateway": gateway,
+        },
+        status=status,
+        error=error,
+    )
+
+
+@routes.get("/security")
+async def security(request: web.Request) -> web.Response:
+    return await _security(request, request.query.get("env"))
+
+
+@routes.post("/security/certificates")
+async def add_certificate(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    form = await _form(request)
+    env_id, use = str(form.get("environment", "")), str(form.get("use", ""))
+    upload = form.get("file")
+    data = upload.file.read() if isinstance(upload, web.FileField) else b""
+    try:
+        row = await _registry(request).add_certificate(who, env_id, use, data)
+    except TwofoldError as error:
+        return await _security(request, env_id, status=error_status(error), error=error, use=use)
+    raise _redirect(
+        f"/security?env={quote(env_id)}",
+        f"Added {row['use_label']} certificate {row['common_name']} ({row['fingerprint'][:16]}…)",
+    )
+
+
+@routes.post("/security/certificates/remove")
+async def remove_certificate(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    form = await _form(request)
+    env_id, fingerprint = str(form.get("environment", "")), str(form.get("fingerprint", ""))
+    try:
+        row = await _registry(request).remove_certificate(who, env_id, fingerprint)
+    except TwofoldError as error:
+        return await _security(request, env_id, status=error_status(error), error=error)
+    raise _redirect(f"/security?env={quote(env_id)}", f"Removed certificate {row['common_name']}")
+
+
+# --- projects ----------------------------------------------------------------------------------
+
+
+async def _projects(
+    request: web.Request, *, status: int = 200, error: TwofoldError | None = None
+) -> web.Response:
+    who = _signed_in(request)
+    registry = _registry(request)
+    projects = (
+        await registry.list_projects(who, request.query.get("org")) if (who.org_id or who.is_operator) else []
+    )
+    return await render(
+        request,
+        "projects.html",
+        {
+            "projects": projects,
+            "products": await registry.list_products(),
+            "envs": await registry.list_environments(),
+            "can_manage": who.manages_projects,
+        },
+        status=status,
+        error=error,
+    )
+
+
+@routes.get("/projects")
+async def projects(request: web.Request) -> web.Response:
+    return await _projects(request)
+
+
+@routes.post("/projects")
+async def create_project(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    form = await _form(request)
+    try:
+        project = await _registry(request).create_project(who, str(form.get("name", "")))
+    except TwofoldError as error:
+        return await _projects(request, status=error_status(error), error=error)
+    raise _redirect("/projects", f"Created project {project['name']}")
+
+
+@routes.post("/projects/{project}/products")
+async def project_product(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    form = await _form(request)
+    try:
+        project_id = int(request.match_info["project"])
+        present = form.get("action", "add") == "add"
+        await _registry(request).set_project_product(
+            who, project_id, str(form.get("product", "")), str(form.get("environment", "")), present=present
+        )
+    except ValueError:
+        return await _projects(
+            request, status=404, error=RegistryError("no such project", code="project_not_found")
+        )
+    except TwofoldError as error:
+        return await _projects(request, status=error_status(error), error=error)
+    raise _redirect("/projects", "Project updated")
+
+
+@routes.post("/projects/{project}/delete")
+async def delete_project(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    await _form(request)
+    try:
+        await _registry(request).delete_project(who, int(request.match_info["project"]))
+    except ValueError:
+        return await _projects(
+            request, status=404, error=RegistryError("no such project", code="project_not_found")
+        )
+    except TwofoldError as error:
+        return await _projects(request, status=error_status(error), error=error)
+    raise _redirect("/projects", "Project deleted")
+
+
+# --- API tokens ------------------------------------------------------------------------------------
+
+
+@routes.get("/tokens")
+async def tokens(request: web.Request) -> web.Response:
+    who = _signed_in(request)
+    return await render(
+        request, "tokens.html", {"tokens": await _registry(request).list_tokens(who), "new_token": None}
+    )
+
+
+@routes.post("/tokens")
+async def create_token(request: web.Request) -> web.Response:
+    who = _signed_in(request)
+    form = await _form(request)
+    token = await _registry(request).create_token(who, str(form.get("name", "")).strip() or "api")
+    return await render(
+        request,
+        "tokens.html",
+        {"tokens": await _registry(request).list_tokens(who), "new_token": token},
+        status=201,
+    )
+
+
+@routes.post("/tokens/{token}/revoke")
+async def revoke_token(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request)
+    await _form(request)
+    try:
+        await _registry(request).revoke_token(who, int(request.match_info["token"]))
+    except ValueError:
+        raise RegistryError("no such token", code="token_not_found", status=404) from None
+    raise _redirect("/tokens", "Token revoked")
+
+
+# --- operators -------------------------------------------------------------------------------------
+
+
+def _operator(request: web.Request) -> Principal:
+    who = _signed_in(request)
+    if not who.is_operator:
+        raise Forbidden("only platform operators may open this page", code="operator_only")
+    return who
+
+
+async def _admin(
+    request: web.Request, template: str, *, status: int = 200, error: TwofoldError | None = None
+) -> web.Response:
+    who = _operator(request)
+    registry = _registry(request)
+    context: dict[str, Any] = {
+        "orgs": await registry.list_orgs(who),
+        "users": await registry.list_users(who),
+        "envs": await registry.list_environments(),
+        "products": await registry.list_products(),
+    }
+    return await render(request, template, context, status=status, error=error)
+
+
+@routes.get("/admin/organisations")
+async def admin_orgs(request: web.Request) -> web.Response:
+    return await _admin(request, "admin_orgs.html")
+
+
+@routes.post("/admin/organisations")
+async def admin_add_org(request: web.Request) -> web.StreamResponse:
+    who = _operator(request)
+    form = await _form(request)
+    try:
+        org = await _registry(request).add_org(
+            who, str(form.get("slug", "")), str(form.get("name", "")) or None
+        )
+    except TwofoldError as error:
+        return await _admin(request, "admin_orgs.html", status=error_status(error), error=error)
+    raise _redirect("/admin/organisations", f"Created organisation {org['slug']}")
+
+
+@routes.get("/admin/users")
+async def admin_users(request: web.Request) -> web.Response:
+    return await _admin(request, "admin_users.html")
+
+
+@routes.post("/admin/users")
+async def admin_add_user(request: web.Request) -> web.StreamResponse:
+    who = _operator(request)
+    form = await request.post()
+    await _form(request)
+    roles = [str(r) for r in form.getall("roles", [])]
+    try:
+        user = await _registry(request).add_user(
+            who,
+            str(form.get("email", "")),
+            org=str(form.get("organisation", "")) or None,
+            roles=roles,
+            password=str(form.get("password", "")) or None,
+        )
+    except TwofoldError as error:
+        return await _admin(request, "admin_users.html", status=error_status(error), error=error)
+    raise _redirect("/admin/users", f"Created user {user['email']}")
+
+
+@routes.get("/admin/environments")
+async def admin_envs(request: web.Request) -> web.Response:
+    return await _admin(request, "admin_envs.html")
+
+
+@routes.post("/admin/environments")
+async def admin_save_env(request: web.Request) -> web.StreamResponse:
+    who = _operator(request)
+    form = await _form(request)
+    upload = form.get("ca_file")
+    ca_pem = (
+        upload.file.read().decode("ascii", "replace")
+        if upload is not None and hasattr(upload, "file")
+        else None
+    )
+    port = str(form.get("gateway_port", "")).strip()
+    try:
+        env = await _registry(request).save_environment(
+            who,
+            str(form.get("id", "")),
+            name=str(form.get("name", "")) or None,
+            allow_self_signed=form.get("allow_self_signed") == "on",
+            ca_pem=ca_pem or None,
+            gateway_port=int(port) if port.isdigit() else None,
+        )
+    except TwofoldError as error:
+        return await _admin(request, "admin_envs.html", status=error_status(error), error=error)
+    raise _redirect("/admin/environments", f"Saved environment {env['id']}")
+
+
+@routes.get("/admin/products")
+async def admin_products(request: web.Request) -> web.Response:
+    return await _admin(request, "admin_products.html")
+
+
+@routes.post("/admin/products")
+async def admin_save_product(request: web.Request) -> web.StreamResponse:
+    who = _operator(request)
+    form = await request.post()
+    await _form(request)
+    try:
+        product = await _registry(request).save_product(
+            who,
+            str(form.get("id", "")),
+            name=str(form.get("name", "")),
+            path_prefix=str(form.get("path_prefix", "")),
+            upstream=str(form.get("upstream", "")),
+            signature=str(form.get("signature", "required")),
+            content_types=[str(c) for c in form.getall("content_types", [])] or None,
+        )
+    except TwofoldError as error:
+        return await _admin(request, "admin_products.html", status=error_status(error), error=error)
+    raise _redirect("/admin/products", f"Saved API product {product['id']}")
+
+
+@routes.get("/audit")
+async def audit_page(request: web.Request) -> web.Response:
+    who = _signed_in(request)
+    registry = _registry(request)
+    entries = await registry.audit_entries(who, limit=300)
+    report = await registry.verify_audit() if who.is_operator else None
+    return await render(request, "audit.html", {"entries": entries, "report": report})

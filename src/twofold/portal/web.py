@@ -1,0 +1,142 @@
+"""What pages and the JSON API share: app keys, who is calling, errors, security headers,
+login rate limiting."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from twofold.errors import TwofoldError
+from twofold.registry.auth import Principal
+from twofold.registry.rules import Forbidden, Unauthorized
+from twofold.registry.service import Registry
+
+log = logging.getLogger("twofold.portal")
+
+SESSION_COOKIE = "twofold_session"
+FLASH_COOKIE = "twofold_flash"
+MAX_BODY = 1024 * 1024  # uploads are certificates: a few KB
+
+
+@dataclass(frozen=True)
+class PortalConfig:
+    secure_cookies: bool = True
+    title: str = "twofold developer portal"
+    gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
+
+
+REGISTRY = web.AppKey("registry", Registry)
+CONFIG = web.AppKey("config", PortalConfig)
+PRINCIPAL = "twofold.principal"
+CSRF = "twofold.csrf"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def principal(request: web.Request) -> Principal | None:
+    value: Principal | None = request.get(PRINCIPAL)
+    return value
+
+
+def require_principal(request: web.Request) -> Principal:
+    who = principal(request)
+    if who is None:
+        raise Unauthorized("sign in first, or send an API token as 'Authorization: Bearer <token>'")
+    return who
+
+
+def require_operator(request: web.Request) -> Principal:
+    who = require_principal(request)
+    if not who.is_operator:
+        raise Forbidden("only platform operators may do this", code="operator_only")
+    return who
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def is_api(request: web.Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    )
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+class LoginLimiter:
+    """At most ``attempts`` failed sign-ins per (client address, email) per ``window`` seconds,
+    and per client address overall (×4), so guessing is slow and spraying is too."""
+
+    def __init__(self, attempts: int = 5, window: float = 300.0) -> None:
+        self.attempts = attempts
+        self.window = window
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        times = self._failures.setdefault(key, deque())
+        while times and times[0] < now - self.window:
+            times.popleft()
+        return times
+
+    def retry_after(self, address: str, email: str) -> int:
+        now = time.monotonic()
+        for key, limit in (((address, email.lower()), self.attempts), ((address, "*"), self.attempts * 4)):
+            times = self._recent(key, now)
+            if len(times) >= limit:
+                return int(times[0] + self.window - now) + 1
+        return 0
+
+    def failed(self, address: str, email: str) -> None:
+        now = time.monotonic()
+        for key in ((address, email.lower()), (address, "*")):
+            self._recent(key, now).append(now)
+        if len(self._failures) > 10_000:  # bounded memory under a flood of distinct keys
+            self._failures.clear()
+
+    def succeeded(self, address: str, email: str) -> None:
+        self._failures.pop((address, email.lower()), None)
+
+
+LIMITER = web.AppKey("limiter", LoginLimiter)
+
+
+def client_address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def error_status(error: TwofoldError) -> int:
+    return error.status if 400 <= error.status < 600 else 400
+
+
+def render_error_json(error: TwofoldError) -> web.Response:
+    return json_error(error_status(error), error.code, error.message)
+
+
+def log_unexpected(request: web.Request, exc: BaseException) -> None:
+    # The request line, the exception type and where it happened — not its message: database
+    # errors quote statement parameters (certificate bytes, hashes), bodies may hold secrets.
+    where = "".join(traceback.format_tb(exc.__traceback__)[-3:])
+    log.error("unexpected %s on %s %s\n%s", type(exc).__name__, request.method, request.path, where)
+
+
+def hidden_field(request: web.Request) -> dict[str, Any]:
+    return {"csrf_token": request.get(CSRF, "")}
