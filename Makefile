@@ -16,8 +16,12 @@ $(DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
 	touch $@
 
-## make run: the main job — the client walkthrough against a local mTLS endpoint.
+## make run: the main job — portal, gateways (cat :8443, prod :9443) and sandbox on SQLite.
 run: $(DEPS)
+	$(BIN)/twofold serve --data $(DATA)
+
+## make walkthrough: the client toolkit walkthrough against a throwaway local mTLS endpoint.
+walkthrough: $(DEPS)
 	$(BIN)/python scripts/walkthrough.py
 
 ## make test: install what the tests need (Python packages; openssl, curl, nginx,

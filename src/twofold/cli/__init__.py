@@ -6,9 +6,12 @@ import click
 
 from twofold import __version__
 from twofold.cli._common import Group
+from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
 from twofold.cli.jws import jws_group
+from twofold.cli.portal import portal
+from twofold.cli.serve import demo, serve_command
 
 
 @click.group(
@@ -22,6 +25,13 @@ Client toolkit:
   key      private keys          csr   certificate signing requests
   cert     certificates          jws   sign / verify compact JWS
   call     curl for mTLS + JWS APIs
+
+\b
+Provider side:
+  serve    portal + gateway per environment + sandbox API, in one command
+  demo     walk the whole flow against a running serve
+  admin    operator tasks on the registry (orgs, users, tokens, products, audit)
+  portal   register certificates through the portal API (CI pipelines)
 
 \b
 Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
@@ -43,3 +53,7 @@ main.add_command(csr)
 main.add_command(cert)
 main.add_command(jws_group, "jws")
 main.add_command(call)
+main.add_command(serve_command, "serve")
+main.add_command(demo)
+main.add_command(admin)
+main.add_command(portal)

@@ -66,6 +66,7 @@ SUPPORTED_ALGORITHMS = (
 # Header parameters registered by RFC 7515/7797: they may not appear in "crit".
 _REGISTERED = frozenset({"alg", "jku", "jwk", "kid", "x5u", "x5c", "x5t", "x5t#S256", "typ", "cty", "crit"})
 
+_NOT_SECRETS = (b"-----BEGIN", b"ssh-", b"ecdsa-sha2-", b"\x30\x82")
 _B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _COMPACT_CHARS = _B64URL + b"."
 # The last character of a base64url segment may only carry zero "unused" bits.
@@ -241,7 +242,7 @@ def parse_header(segment: str) -> dict[str, Any]:
     raw = b64url_decode(segment)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         if isinstance(exc, JWSError):
             raise
         raise JWSError("the JWS header is not valid JSON", code="jws_malformed") from None
@@ -262,7 +263,13 @@ def _verify_fn(alg: str, key: PublicKey | bytes) -> Verify | None:
     family, bits = alg[:2], alg[2:]
     digest = _HASHES[bits]()
     if family == "HS":
-        if not isinstance(key, bytes) or len(key) < digest.digest_size:
+        # A secret that is really a public key (PEM, SSH) is the "HS256 keyed with the
+        # public key" confusion: never usable as an HMAC key.
+        if (
+            not isinstance(key, bytes)
+            or len(key) < digest.digest_size
+            or key.lstrip().startswith(_NOT_SECRETS)
+        ):
             return None
         name = digest.name
 
@@ -441,7 +448,7 @@ class Verifier:
             data = token[: len(token) - len(signature_seg) - 1]
         for fn, vk in prepared.attempts:
             if fn(signature, data):
-                return Verified(payload, prepared.header, prepared.alg, vk)
+                return Verified(payload, dict(prepared.header), prepared.alg, vk)
         if not prepared.attempts:
             raise JWSError(
                 f"no key here can verify {prepared.alg}: the keys are of another type or size",

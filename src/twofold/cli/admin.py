@@ -1,0 +1,365 @@
+"""`twofold admin …`: operator tasks, straight on the registry database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from twofold.cli._common import EXIT_FAILURE, err, examples, out, print_json, read_file, read_passphrase_file
+from twofold.registry.auth import ROLES, SYSTEM, new_password
+from twofold.registry.service import SIGNATURE_POLICIES, Registry
+
+T = TypeVar("T")
+
+
+def db_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--db",
+        envvar="TWOFOLD_DB",
+        help="Registry database URL (default: SQLite in --data; "
+        "postgresql://… works the same). Env: TWOFOLD_DB.",
+    )(fn)
+    return click.option(
+        "--data",
+        default="data",
+        show_default=True,
+        envvar="TWOFOLD_DATA",
+        help="Data directory of `twofold serve`.",
+    )(fn)
+
+
+def _url(data: str, db: str | None) -> str:
+    return db or str(Path(data) / "twofold.db")
+
+
+def with_registry(data: str, db: str | None, work: Callable[[Registry], Awaitable[T]]) -> T:
+    async def main() -> T:
+        registry = await Registry.open(_url(data, db))
+        try:
+            return await work(registry)
+        finally:
+            await registry.close()
+
+    return asyncio.run(main())
+
+
+@click.group(
+    help="Operator tasks on the registry database (organisations, users, tokens, products, "
+    "environments, audit)."
+    + examples(
+        "twofold admin org add acme --name 'Acme Corp'",
+        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin token new --email sec@acme.example",
+        "twofold admin audit verify",
+    )
+)
+def admin() -> None:
+    pass
+
+
+# --- organisations -------------------------------------------------------------------------
+
+
+@admin.group(help="Client organisations.")
+def org() -> None:
+    pass
+
+
+@org.command(
+    "add", help="Create an organisation." + examples("twofold admin org add acme --name 'Acme Corp'")
+)
+@click.argument("slug")
+@click.option("--name", help="Display name (default: the id).")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | None) -> None:
+    row = with_registry(data, db, lambda r: r.add_org(SYSTEM, slug, name))
+    print_json(row) if as_json else err.print(f"created organisation {row['slug']} ({row['name']})")
+
+
+@org.command("list", help="List organisations.")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def org_list(as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.list_orgs(SYSTEM))
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        out.print(f"{row['slug']:<24} {row['name']}")
+
+
+# --- users and tokens ------------------------------------------------------------------------
+
+
+@admin.group(help="Users and their roles.")
+def user() -> None:
+    pass
+
+
+@user.command(
+    "add",
+    help="Create a user. Roles: api_security (may add and remove certificates), developer "
+    "(sees them, manages projects), operator (no organisation). Without --password-file a one-time "
+    "password is generated and printed."
+    + examples(
+        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin user add --org acme --email dev@acme.example --role developer --password-file pw.txt",
+        "twofold admin user add --email ops@bank.example --role operator",
+    ),
+)
+@click.option("--email", required=True)
+@click.option("--org", "org_slug", help="Organisation id (not for operators).")
+@click.option("--role", "roles", multiple=True, required=True, type=click.Choice(ROLES), help="Repeatable.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def user_add(
+    email: str,
+    org_slug: str | None,
+    roles: tuple[str, ...],
+    password_file: str | None,
+    as_json: bool,
+    data: str,
+    db: str | None,
+) -> None:
+    generated = None if password_file else new_password()
+    password = read_passphrase_file(password_file).decode() if password_file else generated
+    row = with_registry(
+        data, db, lambda r: r.add_user(SYSTEM, email, org=org_slug, roles=list(roles), password=password)
+    )
+    if as_json:
+        print_json({**row, "one_time_password": generated} if generated else row)
+        return
+    err.print(
+        f"created {row['email']} ({', '.join(row['role_labels'])}"
+        f"{' in ' + row['organisation'] if row['organisation'] else ''})"
+    )
+    if generated:
+        out.print(f"one-time password: {generated}")
+
+
+@user.command("list", help="List users.")
+@click.option("--org", "org_slug")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.list_users(SYSTEM, org_slug))
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        out.print(f"{row['email']:<36} {row['organisation'] or '-':<16} {', '.join(row['role_labels'])}")
+
+
+@user.command("password", help="Set a user's password (ends their sessions).")
+@click.option("--email", required=True)
+@click.option(
+    "--password-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Without it, a new one-time password is generated and printed.",
+)
+@db_options
+def user_password(email: str, password_file: str | None, data: str, db: str | None) -> None:
+    password = read_passphrase_file(password_file).decode() if password_file else new_password()
+    with_registry(data, db, lambda r: r.set_password(SYSTEM, email, password))
+    err.print(f"password of {email} changed")
+    if not password_file:
+        out.print(f"one-time password: {password}")
+
+
+@admin.group(help="Personal API tokens.")
+def token() -> None:
+    pass
+
+
+@token.command(
+    "new",
+    help="Create an API token for a user and print it (shown once)."
+    + examples("export TWOFOLD_TOKEN=$(twofold admin token new --email sec@acme.example)"),
+)
+@click.option("--email", required=True)
+@click.option("--name", default="cli", show_default=True)
+@db_options
+def token_new(email: str, name: str, data: str, db: str | None) -> None:
+    click.echo(with_registry(data, db, lambda r: r.create_token(SYSTEM, name, for_email=email)))
+
+
+# --- products and environments -----------------------------------------------------------------
+
+
+@admin.group(help="API products.")
+def product() -> None:
+    pass
+
+
+@product.command(
+    "add",
+    help="Create or update an API product."
+    + examples(
+        "twofold admin product add payments --name Payments --path /tsapi/v1/payments --upstream sandbox:payments",
+        "twofold admin product add quotes --name Quotes --path /fx/v1/quotes --upstream http://10.0.0.5:8080 "
+        "--signature none --content-type application/json",
+    ),
+)
+@click.argument("product_id")
+@click.option("--name", required=True)
+@click.option("--path", "path_prefix", required=True, help="Path prefix, e.g. /tsapi/v1/payments.")
+@click.option("--upstream", required=True, help="http(s)://… or sandbox:payments|balance|echo.")
+@click.option("--signature", type=click.Choice(SIGNATURE_POLICIES), default="required", show_default=True)
+@click.option("--content-type", "content_types", multiple=True, help="Accepted content type (repeatable).")
+@click.option(
+    "--alg", "algorithms", multiple=True, help="Accepted JWS algorithm (repeatable; default RS256)."
+)
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def product_add(
+    product_id: str,
+    name: str,
+    path_prefix: str,
+    upstream: str,
+    signature: str,
+    content_types: tuple[str, ...],
+    algorithms: tuple[str, ...],
+    as_json: bool,
+    data: str,
+    db: str | None,
+) -> None:
+    row = with_registry(
+        data,
+        db,
+        lambda r: r.save_product(
+            SYSTEM,
+            product_id,
+            name=name,
+            path_prefix=path_prefix,
+            upstream=upstream,
+            signature=signature,
+            content_types=list(content_types) or None,
+            algorithms=list(algorithms) or None,
+        ),
+    )
+    print_json(row) if as_json else err.print(f"saved API product {row['id']} at {row['path_prefix']}")
+
+
+@product.command("list", help="List API products.")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def product_list(as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.list_products())
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        out.print(f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}")
+
+
+@admin.group(help="Environments.")
+def env() -> None:
+    pass
+
+
+@env.command(
+    "set",
+    help="Create or update an environment."  # noqa: S608 - help text, not SQL
+    + examples(
+        "twofold admin env set prod --ca bank-issuing-ca.pem",
+        "twofold admin env set uat --name 'User Acceptance' --self-signed --port 10443",
+    ),
+)
+@click.argument("env_id")
+@click.option("--name")
+@click.option(
+    "--self-signed/--no-self-signed",
+    "allow_self_signed",
+    default=None,
+    help="Accept self-signed client certificates.",
+)
+@click.option("--ca", "ca_file", help="PEM file of the CA(s) that issue client certificates.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Gateway port of this environment.")
+@db_options
+def env_set(
+    env_id: str,
+    name: str | None,
+    allow_self_signed: bool | None,
+    ca_file: str | None,
+    port: int | None,
+    data: str,
+    db: str | None,
+) -> None:
+    ca_pem = read_file(ca_file, "the CA file").decode("ascii", "replace") if ca_file else None
+    row = with_registry(
+        data,
+        db,
+        lambda r: r.save_environment(
+            SYSTEM, env_id, name=name, allow_self_signed=allow_self_signed, ca_pem=ca_pem, gateway_port=port
+        ),
+    )
+    err.print(f"saved environment {row['id']} ({row['name']})")
+
+
+@env.command("list", help="List environments.")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def env_list(as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.list_environments())
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        self_signed = "self-signed ok" if row["allow_self_signed"] else "CA-issued only"
+        out.print(f"{row['id']:<8} {row['name']:<20} port {row['gateway_port'] or '-':<6} {self_signed}")
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+@admin.group(help="The hash-chained audit log.")
+def audit() -> None:
+    pass
+
+
+@audit.command(
+    "verify",
+    help="Check the audit log's hash chain: exits 1 if an entry was altered or removed. "
+    "Record the printed head hash somewhere safe; --expect-head then also detects entries removed "
+    "from the end."
+    + examples("twofold admin audit verify", "twofold admin audit verify --expect-head 9f2c…"),
+)
+@click.option("--expect-head", help="The head hash recorded earlier.")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def audit_verify(expect_head: str | None, as_json: bool, data: str, db: str | None) -> None:
+    report = with_registry(data, db, lambda r: r.verify_audit(expect_head))
+    if as_json:
+        print_json(report.to_dict())
+    elif report.ok:
+        out.print(f"[green]audit log intact[/]: {report.entries} entries, head {report.head}")
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]tampered:[/] {problem}")
+    if not report.ok:
+        raise SystemExit(EXIT_FAILURE)
+
+
+@audit.command("log", help="Show recent audit entries.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--org", "org_slug")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def audit_log(limit: int, org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.audit_entries(SYSTEM, limit=limit, org=org_slug))
+    if as_json:
+        print_json(rows)
+        return
+    for row in reversed(rows):
+        out.print(
+            f"{row['at'][:19]} {row['actor']:<28} {row['action']:<22} {row['object_type']} {row['object_id'][:24]}"
+        )
+
+
+__all__ = ["admin"]

@@ -1,0 +1,178 @@
+"""The gateway's read-only view of the registry, rebuilt whenever the registry changes.
+
+Everything a request needs is looked up in memory: which organisation a client
+certificate fingerprint belongs to, which products the organisation may call in this
+environment, and the verifier for its Digital Signature certificates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from twofold.crypto import certs as _certs
+from twofold.crypto import jws
+from twofold.registry.models import (
+    ApiProduct,
+    Certificate,
+    Environment,
+    Organisation,
+    Project,
+    ProjectProduct,
+    RegistryVersion,
+)
+from twofold.registry.service import Registry
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    fingerprint: str
+    org_id: int
+    org: str
+    common_name: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    der: bytes
+
+
+@dataclass(frozen=True)
+class Product:
+    id: str
+    name: str
+    prefix: str
+    upstream: str
+    signature: str  # required | optional | none
+    content_types: frozenset[str]
+    algorithms: tuple[str, ...]
+
+    def matches(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix + "/") or self.prefix == "/"
+
+
+@dataclass(frozen=True)
+class EnvView:
+    id: str
+    name: str
+    allow_self_signed: bool
+    port: int | None
+    cas: tuple[x509.Certificate, ...]
+
+
+@dataclass
+class Snapshot:
+    version: int
+    environments: dict[str, EnvView]
+    mtls: dict[str, dict[str, ClientCert]]  # env → fingerprint → cert
+    signature_keys: dict[tuple[int, str], tuple[jws.VerificationKey, ...]]  # (org, env) → keys
+    access: dict[tuple[int, str], frozenset[str]]  # (org, env) → product ids
+    products: tuple[Product, ...]  # longest prefix first
+    expiries: dict[str, tuple[dt.datetime, ...]] = field(
+        default_factory=dict
+    )  # env → not_after of active certs
+    loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    _verifiers: dict[tuple[int, str, tuple[str, ...]], jws.Verifier] = field(default_factory=dict)
+
+    def product_for(self, path: str) -> Product | None:
+        for product in self.products:
+            if product.matches(path):
+                return product
+        return None
+
+    def verifier(
+        self, org_id: int, env: str, algorithms: tuple[str, ...], max_size: int
+    ) -> jws.Verifier | None:
+        """The organisation's signature verifier, built once per snapshot."""
+        key = (org_id, env, algorithms)
+        verifier = self._verifiers.get(key)
+        if verifier is None:
+            keys = self.signature_keys.get((org_id, env))
+            if not keys:
+                return None
+            verifier = jws.Verifier(keys, algorithms=algorithms, max_size=max_size)
+            self._verifiers[key] = verifier
+        return verifier
+
+    def trusted_certificates(self, env: str) -> list[x509.Certificate]:
+        """What the TLS layer of ``env`` trusts: the active mTLS leaves and the env's CAs."""
+        view = self.environments.get(env)
+        leaves = [x509.load_der_x509_certificate(c.der) for c in self.mtls.get(env, {}).values()]
+        return leaves + list(view.cas if view else ())
+
+    def expiring(self, env: str, within: dt.timedelta, now: dt.datetime | None = None) -> int:
+        """Active certificates (both uses) of ``env`` that expire within ``within``."""
+        now = now or dt.datetime.now(dt.UTC)
+        return sum(1 for not_after in self.expiries.get(env, ()) if now <= not_after <= now + within)
+
+
+async def load_snapshot(registry: Registry) -> Snapshot:
+    async with registry.sessions() as session:
+        return await _load(session)
+
+
+async def _load(session: AsyncSession) -> Snapshot:
+    version = (
+        await session.execute(select(RegistryVersion.version).where(RegistryVersion.id == 1))
+    ).scalar() or 0
+    environments: dict[str, EnvView] = {}
+    for env in (await session.execute(select(Environment))).scalars():
+        cas = tuple(_certs.load_certificates(env.ca_pem.encode())) if env.ca_pem else ()
+        environments[env.id] = EnvView(env.id, env.name, env.allow_self_signed, env.gateway_port, cas)
+    orgs = {o.id: o.slug for o in (await session.execute(select(Organisation))).scalars()}
+    mtls: dict[str, dict[str, ClientCert]] = {e: {} for e in environments}
+    signature: dict[tuple[int, str], list[jws.VerificationKey]] = {}
+    rows = (await session.execute(select(Certificate).where(Certificate.status == "active"))).scalars()
+    expiries: dict[str, list[dt.datetime]] = {}
+    for row in rows:
+        expiries.setdefault(row.environment_id, []).append(row.not_after)
+        if row.use == "mtls":
+            mtls.setdefault(row.environment_id, {})[row.fingerprint] = ClientCert(
+                row.fingerprint,
+                row.org_id,
+                orgs.get(row.org_id, "?"),
+                row.common_name,
+                row.not_before,
+                row.not_after,
+                row.der,
+            )
+        else:
+            cert = x509.load_der_x509_certificate(row.der)
+            signature.setdefault((row.org_id, row.environment_id), []).append(
+                jws.VerificationKey.from_certificate(cert, label=row.fingerprint)
+            )
+    access: dict[tuple[int, str], set[str]] = {}
+    links = await session.execute(
+        select(Project.org_id, ProjectProduct.environment_id, ProjectProduct.product_id).join(
+            ProjectProduct, ProjectProduct.project_id == Project.id
+        )
+    )
+    for org_id, env_id, product_id in links:
+        access.setdefault((org_id, env_id), set()).add(product_id)
+    products = sorted(
+        (
+            Product(
+                p.id,
+                p.name,
+                p.path_prefix,
+                p.upstream,
+                p.signature,
+                frozenset(p.content_types),
+                tuple(p.algorithms),
+            )
+            for p in (await session.execute(select(ApiProduct))).scalars()
+        ),
+        key=lambda p: len(p.prefix),
+        reverse=True,
+    )
+    return Snapshot(
+        version=int(version),
+        environments=environments,
+        mtls=mtls,
+        signature_keys={k: tuple(v) for k, v in signature.items()},
+        access={k: frozenset(v) for k, v in access.items()},
+        products=tuple(products),
+        expiries={k: tuple(v) for k, v in expiries.items()},
+    )

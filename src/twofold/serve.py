@@ -1,0 +1,309 @@
+"""`twofold serve`: portal, gateways (one TLS listener per environment) and sandbox in one
+process (plus `--workers` gateway processes sharing the ports), on SQLite by default."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from twofold.crypto import certs, keys
+from twofold.crypto.ca import LocalCA
+from twofold.errors import UsageError
+from twofold.gateway.sandbox import DEFAULT_PRODUCTS
+from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.portal.app import init_app
+from twofold.portal.web import PortalConfig
+from twofold.registry.auth import SYSTEM, new_password
+from twofold.registry.db import redact
+from twofold.registry.service import Registry
+from twofold.tls import server_context
+
+log = logging.getLogger("twofold.serve")
+OPERATOR_EMAIL = "admin@twofold.local"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data: Path = Path("data")
+    db: str | None = None  # default: SQLite file in the data directory
+    host: str = "127.0.0.1"  # where the portal and gateways listen
+    portal_port: int = 8000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9100
+    workers: int = 1
+    max_body: int = 1024 * 1024
+    upstream_timeout: float = 30.0
+    access_log: bool = True
+    ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+
+    @property
+    def db_url(self) -> str:
+        return self.db or str(self.data / "twofold.db")
+
+    @classmethod
+    def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
+        """Defaults ← twofold.toml ← command-line options."""
+        values: dict[str, Any] = {}
+        if path:
+            try:
+                raw = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise UsageError(f"the configuration file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise UsageError(f"{path} is not valid TOML: {exc}") from None
+            known = {f.name for f in fields(cls)}
+            unknown = set(raw) - known
+            if unknown:
+                raise UsageError(
+                    f"{path}: unknown settings {', '.join(sorted(unknown))}; known: "
+                    f"{', '.join(sorted(known))}"
+                )
+            values.update(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data" in values:
+            values["data"] = Path(values["data"])
+        return replace(cls(), **values)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    ca: LocalCA
+    ca_path: Path
+    server_key: keys.PrivateKey
+    server_cert: Any
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def local_tls(data: Path, announce: Callable[[str], None]) -> Credentials:
+    """The local CA and the server certificate for localhost, created on first start."""
+    ca_key_path, ca_path = data / "ca" / "ca.key", data / "ca" / "ca.crt"
+    key_path, cert_path = data / "tls" / "server.key", data / "tls" / "server.crt"
+    if ca_key_path.exists() and ca_path.exists():
+        ca = LocalCA(
+            key=keys.load_private_key(ca_key_path.read_bytes(), name=str(ca_key_path)),
+            certificate=certs.load_certificate(ca_path.read_bytes(), name=str(ca_path)),
+        )
+    else:
+        ca = LocalCA("twofold local CA")
+        _write_secret(ca_key_path, keys.private_key_bytes(ca.key))
+        ca_path.write_bytes(certs.certificate_pem(ca.certificate))
+        announce(f"created a local CA: {ca_path} (clients use it with --cacert)")
+    if key_path.exists() and cert_path.exists():
+        server_key = keys.load_private_key(key_path.read_bytes(), name=str(key_path))
+        server_cert = certs.load_certificate(cert_path.read_bytes(), name=str(cert_path))
+    else:
+        issued = ca.issue(
+            "localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"], days=825
+        )
+        server_key, server_cert = issued.key, issued.certificate
+        _write_secret(key_path, keys.private_key_bytes(server_key))
+        cert_path.write_bytes(certs.certificate_pem(server_cert))
+        announce(f"created the server certificate for localhost: {cert_path}")
+    return Credentials(ca, ca_path, server_key, server_cert)
+
+
+async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None:
+    """Default environments and sandbox products, and an operator with a one-time password."""
+    created = await registry.ensure_defaults()
+    if created:
+        announce(f"created the environments {', '.join(created)}")
+    existing = {p["id"] for p in await registry.list_products()}
+    for product in DEFAULT_PRODUCTS:
+        if product["id"] not in existing and not existing:
+            await registry.save_product(
+                SYSTEM,
+                product["id"],
+                name=product["name"],
+                path_prefix=product["path_prefix"],
+                upstream=product["upstream"],
+                signature=product["signature"],
+                content_types=product["content_types"],
+            )
+    if not existing:
+        announce("created the sandbox API products: " + ", ".join(p["path_prefix"] for p in DEFAULT_PRODUCTS))
+    if not await registry.has_operator():
+        password = new_password()
+        await registry.add_user(SYSTEM, OPERATOR_EMAIL, org=None, roles="operator", password=password)
+        announce(f"created the operator account {OPERATOR_EMAIL} with the one-time password: {password}")
+        announce(
+            "  (shown once — sign in to the portal and keep it, or set another with "
+            "`twofold admin user password`)"
+        )
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _configure_logging(access_log: bool) -> None:
+    access = logging.getLogger("twofold.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+async def _gateway_listeners(
+    gateway: Gateway, config: ServeConfig, envs: list[dict[str, Any]], reuse_port: bool
+) -> list[tuple[web.AppRunner, asyncio.Server]]:
+    listeners = []
+    for env in envs:
+        port = config.ports.get(env["id"], env["gateway_port"])
+        if not port:
+            continue
+        listeners.append(
+            await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
+        )
+    return listeners
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run(
+    config: ServeConfig,
+    announce: Callable[[str], None],
+    *,
+    ready: Callable[[dict[str, Any]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop``)."""
+    config.data.mkdir(parents=True, exist_ok=True)
+    tls = local_tls(config.data, announce)
+    registry = await Registry.open(config.db_url)
+    try:
+        await bootstrap(registry, announce)
+        envs = await registry.list_environments()
+        gateway = Gateway(
+            registry,
+            key=tls.server_key,
+            certificate=tls.server_cert,
+            config=GatewayConfig(
+                max_body=config.max_body,
+                upstream_timeout=config.upstream_timeout,
+                access_log=config.access_log,
+            ),
+        )
+        await gateway.start()
+        reuse = config.workers > 1
+        listeners = await _gateway_listeners(gateway, config, envs, reuse)
+        gateway_urls = tuple(
+            (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
+            for e in envs
+            if config.ports.get(e["id"], e["gateway_port"])
+        )
+        portal = web.AppRunner(
+            init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
+        )
+        await portal.setup()
+        portal_site = web.TCPSite(
+            portal,
+            config.host,
+            config.portal_port,
+            ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
+        )
+        await portal_site.start()
+        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
+        await admin.setup()
+        await web.TCPSite(admin, config.admin_host, config.admin_port).start()
+        workers = [_spawn_worker(config) for _ in range(config.workers - 1)]
+        facts = {
+            "portal": f"https://localhost:{config.portal_port}",
+            "gateways": dict(gateway_urls),
+            "admin": f"http://{config.admin_host}:{config.admin_port}",
+            "ca": str(tls.ca_path),
+            "db": redact(config.db_url),
+            "workers": config.workers,
+        }
+        if ready:
+            ready(facts)
+        await (stop.wait() if stop else _wait_for_signal())
+        for process in workers:
+            process.terminate()
+        for runner, server in listeners:
+            await close_listener(runner, server)
+        await portal.cleanup()
+        await admin.cleanup()
+        await gateway.stop()
+        for process in workers:
+            process.join(5)
+    finally:
+        await registry.close()
+
+
+def _spawn_worker(config: ServeConfig) -> multiprocessing.process.BaseProcess:
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_worker_main, args=(config,), daemon=True, name="twofold-gateway")
+    process.start()
+    return process
+
+
+def _worker_main(config: ServeConfig) -> None:
+    """An extra gateway process: the same listeners (SO_REUSEPORT), its own registry view."""
+    _install_uvloop()
+    _configure_logging(config.access_log)
+
+    async def main() -> None:
+        tls = local_tls(config.data, lambda _m: None)
+        registry = await Registry.open(config.db_url, migrate=False)
+        gateway = Gateway(
+            registry,
+            key=tls.server_key,
+            certificate=tls.server_cert,
+            config=GatewayConfig(
+                max_body=config.max_body,
+                upstream_timeout=config.upstream_timeout,
+                access_log=config.access_log,
+            ),
+        )
+        await gateway.start()
+        listeners = await _gateway_listeners(gateway, config, await registry.list_environments(), True)
+        await _wait_for_signal()
+        for runner, server in listeners:
+            await close_listener(runner, server)
+        await gateway.stop()
+        await registry.close()
+
+    asyncio.run(main())
+
+
+def serve(
+    config: ServeConfig, announce: Callable[[str], None], ready: Callable[[dict[str, Any]], None]
+) -> None:
+    _install_uvloop()
+    _configure_logging(config.access_log)
+    asyncio.run(run(config, announce, ready=ready))
