@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from twofold.crypto import _pem
@@ -340,7 +340,28 @@ def is_self_signed(cert: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, Exception):
+    except ValueError:  # cryptography will not check SHA-1 (or MD5) signatures this way
+        return _signed_by_own_key(cert)
+    except Exception:
+        return False
+    return True
+
+
+def _signed_by_own_key(cert: x509.Certificate) -> bool:
+    """The certificate's signature checks out with its own public key, whatever the hash."""
+    public = cert.public_key()
+    try:
+        digest = cert.signature_hash_algorithm
+        params = cert.signature_algorithm_parameters
+        if digest is None:
+            return False
+        if isinstance(public, rsa.RSAPublicKey) and isinstance(params, (padding.PKCS1v15, padding.PSS)):
+            public.verify(cert.signature, cert.tbs_certificate_bytes, params, digest)
+        elif isinstance(public, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            public.verify(cert.signature, cert.tbs_certificate_bytes, params)
+        else:
+            return False
+    except Exception:
         return False
     return True
 

@@ -145,7 +145,7 @@ def _wrong_passphrase(name: str) -> KeyLoadError:
 def _not_a_private_key(data: bytes, name: str) -> KeyLoadError:
     what = _pem.describe(data)
     hint = ""
-    if "certificate" in what and "request" not in what:
+    if "certificate" in what and "request" not in what and not what.startswith("neither"):
         hint = "; give the private key file that belongs to it"
     elif "public key" in what:
         hint = "; a public key cannot sign or authenticate: give the private key"
