@@ -353,8 +353,13 @@ def test_hs256_keyed_with_the_rsa_public_key_is_refused(
     public = rsa_key.public_key()
     cert = certs.self_signed_certificate(rsa_key, "/CN=acme-signature", usage="signature")
 
-    # The token is a correct HMAC: it would pass a verifier that used those bytes as secret.
-    assert jws.verify(token, jws.VerificationKey(secret), algorithms=("HS256",)).json() == BODY
+    # The token is a correct HMAC over those bytes...
+    header, payload, signature = token.split(".")
+    expected = hmac.new(secret, f"{header}.{payload}".encode(), "sha256").digest()
+    assert jws.b64url_decode(signature) == expected
+    # ...yet even a caller who hands the public key's bytes over as an HMAC secret is refused:
+    # key material that is a public key is never used as a MAC secret.
+    assert refused(jws.Verifier([secret], algorithms=("HS256",)), token).code == "jws_no_key"
 
     assert refused(jws.Verifier([public], algorithms=("RS256",)), token).code == "jws_alg_not_allowed"
     assert refused(jws.Verifier([public], algorithms=("RS256", "HS256")), token).code == "jws_no_key"
