@@ -228,10 +228,13 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
 @click.option("--data", default="data", show_default=True, help="Data directory of the serve to use.")
 @click.option("--db", envvar="TWOFOLD_DB", help="Database URL, if not SQLite in --data.")
 @click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="The serve's TOML settings (ports)."
+)
+@click.option(
     "--out", "out_dir", help="Where to write the demo credentials (default: a temporary directory)."
 )
-def demo(data: str, db: str | None, out_dir: str | None) -> None:
-    config = ServeConfig.load(None, data=data, db=db, access_log=False)
+def demo(data: str, db: str | None, config_file: str | None, out_dir: str | None) -> None:
+    config = ServeConfig.load(config_file, data=data, db=db, access_log=False)
     work = Path(out_dir or tempfile.mkdtemp(prefix="twofold-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     portal = f"https://localhost:{config.portal_port}"
