@@ -2,8 +2,8 @@
 local mTLS endpoint (EchoServer) that pins the client certificate and verifies JWS bodies,
 and ways to run the `twofold` command in-process (CliRunner) or as a real subprocess.
 
-Keys are generated with twofold's crypto layer (cheap EC keys where the test does not care
-about the type); the suites check the files with the real `openssl` and `curl`.
+Keys are generated with twofold's crypto layer (RSA where RS256 is the point, EC where the
+type does not matter); the suites check the files with the real `openssl` and `curl`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cryptography import x509
 from twofold.cli import main
 from twofold.cli._common import PASSPHRASE_ENV
 from twofold.crypto import certs, keys
+from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
 from twofold.devserver import EchoServer
 
@@ -68,8 +69,9 @@ def twofold_subprocess(
     *args: object, input: bytes | None = None, env: Mapping[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[bytes]:
     """`twofold ARGS` as a real process, as a user types it (without TWOFOLD_KEY_PASSPHRASE
-    from the caller's environment unless ``env`` sets it)."""
-    environment = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
+    or forced colours from the caller's environment unless ``env`` sets them)."""
+    dropped = {PASSPHRASE_ENV, "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
+    environment = {k: v for k, v in os.environ.items() if k not in dropped}
     environment.update(env or {})
     return subprocess.run(
         [TWOFOLD, *map(str, args)],
@@ -81,11 +83,11 @@ def twofold_subprocess(
     )
 
 
-def run_tool(*argv: object, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def run_tool(
+    *argv: object, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
     """Run openssl / curl; with check, a failure shows the tool's own stderr."""
-    done = subprocess.run(
-        [str(a) for a in argv], input=input, capture_output=True, timeout=60, check=False
-    )
+    done = subprocess.run([str(a) for a in argv], input=input, capture_output=True, timeout=60, check=False)
     if check and done.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, argv))} exited {done.returncode}:\n{done.stderr.decode(errors='replace')}"
@@ -164,8 +166,6 @@ class Kit:
 
 @contextlib.contextmanager
 def running_kit(directory: Path) -> Iterator[Kit]:
-    from twofold.crypto.ca import LocalCA
-
     mtls = make_pair(directory, "mtls", cn="acme-cat", subject=SUBJECT)
     sign = make_pair(directory, "sign", cn="acme-cat-sign", usage="signature")
     other_sign = make_pair(directory, "other-sign", cn="mallory-sign", usage="signature")

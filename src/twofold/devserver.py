@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,14 @@ from twofold.errors import JWSError
 from twofold.tls import server_context
 
 SIGNED_TYPES = ("application/jose", "text/xml")
+# Legacy text/xml carries either a compact JWS (signed) or a plain XML/JSON body (unsigned).
+_COMPACT_JWS = re.compile(rb"\s*[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\s*")
+
+
+def _is_signed(content_type: str, body: bytes) -> bool:
+    if not body or content_type not in SIGNED_TYPES:
+        return False
+    return content_type == "application/jose" or _COMPACT_JWS.fullmatch(body) is not None
 
 
 def echo_app(signature_certs: Sequence[x509.Certificate] = ()) -> web.Application:
@@ -46,7 +55,7 @@ def echo_app(signature_certs: Sequence[x509.Certificate] = ()) -> web.Applicatio
                 else None
             ),
         }
-        if request.content_type in SIGNED_TYPES and body:
+        if _is_signed(request.content_type, body):
             if verifier is None:
                 return _error(400, "no_signature_keys", "this endpoint has no signature certificates")
             try:

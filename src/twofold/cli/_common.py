@@ -30,14 +30,22 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+def exit_code_for(error: TwofoldError) -> int:
+    """Usage (and a missing file) 2; a TLS or connection failure 3; anything else 1. A
+    ClientError is not always a connection failure: a key that does not match its
+    certificate is bad input."""
+    if isinstance(error, UsageError) or error.code in ("usage", "file_not_found"):
+        return EXIT_USAGE
+    if isinstance(error, ClientError) and (
+        error.code.startswith(("tls_", "connect_")) or error.code in ("timeout", ClientError.code)
+    ):
+        return EXIT_CONNECT
+    return EXIT_FAILURE
+
+
 def fail(error: TwofoldError, exit_code: int | None = None) -> NoReturn:
     if exit_code is None:
-        if isinstance(error, UsageError):
-            exit_code = EXIT_USAGE
-        elif isinstance(error, ClientError):
-            exit_code = EXIT_CONNECT
-        else:
-            exit_code = EXIT_FAILURE
+        exit_code = exit_code_for(error)
     err.print(f"[bold red]error[/][dim]\\[{error.code}][/]: {error.message}", markup=True)
     sys.exit(exit_code)
 

@@ -23,7 +23,7 @@ from twofold.cli._common import (
 )
 from twofold.client import JOSE, LEGACY_XML, client_context, explain_tls_failure, signing_auth
 from twofold.crypto import certs
-from twofold.errors import UsageError
+from twofold.errors import ClientError, UsageError
 
 
 def _body(data: str | None) -> bytes | None:
@@ -50,7 +50,7 @@ def _tls_facts(response: httpx.Response) -> dict[str, Any]:
     if ssl_object is None:
         return {}
     facts: dict[str, Any] = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
-    der = ssl_object.getpeercert(binary_form=True)
+    der = ssl_object.getpeercert(True)  # httpcore hands out the bare _ssl object: no keywords
     if der:
         server = x509.load_der_x509_certificate(der)
         facts["server_certificate"] = {
@@ -142,6 +142,9 @@ def call(
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.netloc:
         raise UsageError(f"{url!r} is not an https:// URL")
+    if parts.scheme == "http" and (cert or key):
+        https = parts._replace(scheme="https").geturl()
+        raise UsageError(f"a client certificate is only sent over TLS: call {https}, not http://")
     if cacert and insecure:
         raise UsageError("give --cacert or --insecure, not both")
     body = _body(data)
@@ -172,9 +175,15 @@ def call(
         with httpx.Client(verify=context, timeout=timeout) as client:
             request = client.build_request(method, url, headers=headers, content=body)
             response = client.send(request, auth=auth) if auth else client.send(request)
+            tls = _tls_facts(response)  # while the connection is open: closed, it has no TLS facts
     except httpx.TransportError as exc:
-        fail(explain_tls_failure(exc, sent_client_cert=sent_cert, host=host))
-    tls = _tls_facts(response)
+        error = explain_tls_failure(exc, sent_client_cert=sent_cert, host=host)
+        if parts.scheme == "http" and error.code.startswith("tls_"):  # there was no TLS to blame
+            error = ClientError(
+                f"{host} closed the connection on a plain http:// request: if it speaks TLS, call https://",
+                code="connect_closed",
+            )
+        fail(error)
     sent = response.request
     signed_payload = sent.extensions.get("twofold.signed_payload")
     if verbose:

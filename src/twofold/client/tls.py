@@ -47,6 +47,8 @@ def load_client_credentials(
     """
     if key is None and cert is None:
         raise ClientError("give a client certificate and its key", code="usage")
+    if key is None and isinstance(cert, x509.Certificate):
+        raise ClientError("give the private key of the client certificate too (key=...)", code="usage")
     certificate: x509.Certificate | None = None
     chain: tuple[x509.Certificate, ...] = ()
     if isinstance(key, _keys.PrivateKey):
@@ -55,7 +57,9 @@ def load_client_credentials(
         data, name = read_source(key if key is not None else cert, "the key file")  # type: ignore[arg-type]
         creds = _keys.load_credentials(data, passphrase, name=name)
         private, certificate, chain = creds.key, creds.certificate, creds.chain
-    if cert is not None:
+    # Without a key, ``cert`` was just read as the credentials (PKCS#12, or a PEM holding key
+    # and certificate): keep the certificate found there rather than re-reading the file.
+    if cert is not None and not (key is None and certificate is not None):
         if isinstance(cert, x509.Certificate):
             certificate, chain = cert, ()
         else:
