@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import parse_qs
 
 from twofold.errors import TwofoldError
@@ -19,7 +19,7 @@ class Forwarded:
 
     method: str
     path: str
-    query_string: str
+    query_string: str  # raw, percent-encoded as the client sent it
     headers: dict[str, str]
     body: bytes
     org_id: int
@@ -37,8 +37,31 @@ def _error(status: int, code: str, message: str) -> Answer:
 def _payload(request: Forwarded) -> Any:
     try:
         return json.loads(request.body) if request.body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return None
+
+
+def _valid_e2e(value: object) -> TypeGuard[str]:
+    """A string of 1–100 printable characters that the database can store (no control
+    characters such as NUL, no lone surrogates)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 100:
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(payload: Any) -> bool:
+    """Standard JSON only: NaN, Infinity and numbers too large for a float are refused."""
+    try:
+        json.dumps(payload, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 async def payments(registry: Registry, request: Forwarded, suffix: str) -> Answer:
@@ -52,11 +75,18 @@ async def payments(registry: Registry, request: Forwarded, suffix: str) -> Answe
                 else None
             )
             e2e = ids.get("endToEndId") if isinstance(ids, dict) else None
-        if not isinstance(e2e, str) or not e2e.strip() or len(e2e) > 100:
+        if not _valid_e2e(e2e):
             return _error(
                 400,
                 "missing_end_to_end_id",
-                "the payment needs payments.paymentIdentifiers.endToEndId (a string up to 100 characters)",
+                "the payment needs payments.paymentIdentifiers.endToEndId (a string of up to 100 printable "
+                "characters)",
+            )
+        if not _storable(payload):
+            return _error(
+                400,
+                "payment_invalid",
+                "the payment contains numbers JSON cannot carry (NaN, Infinity or out of range)",
             )
         try:
             stored = await registry.sandbox_create_payment(request.org_id, request.environment, e2e, payload)
@@ -72,6 +102,10 @@ async def payments(registry: Registry, request: Forwarded, suffix: str) -> Answe
         e2e = (parse_qs(request.query_string).get("endToEndId") or [""])[0]
         if not e2e:
             return _error(400, "missing_end_to_end_id", "give ?endToEndId=… of the payment")
+        if not _valid_e2e(e2e):
+            return _error(
+                404, "payment_not_found", "no payment with that endToEndId (it has characters none can have)"
+            )
         try:
             stored = await registry.sandbox_payment(request.org_id, request.environment, e2e)
         except TwofoldError as error:

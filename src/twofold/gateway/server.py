@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography import x509
+from yarl import URL
 
 from twofold.crypto.certs import fingerprint_sha256
 from twofold.crypto.keys import PrivateKey
@@ -173,6 +174,7 @@ class Gateway:
 
         dsn = normalise_url(self.registry.url).replace("postgresql+asyncpg://", "postgresql://", 1)
         while True:
+            conn = None
             try:
                 conn = await asyncpg.connect(dsn)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
@@ -183,7 +185,11 @@ class Gateway:
                 raise
             except Exception as exc:
                 log.warning("LISTEN failed (%s); polling only, retrying in 5 s", type(exc).__name__)
-                await asyncio.sleep(5)
+            finally:  # on stop too: do not leave the LISTEN connection open
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            await asyncio.sleep(5)
 
     @property
     def ready(self) -> bool:
@@ -276,6 +282,13 @@ class Gateway:
         assert snapshot is not None
         client = self._identify(request, env, snapshot)
         outcome.org, outcome.fingerprint = client.org, client.fingerprint
+        if any(segment in (".", "..") for segment in request.path.split("/")):
+            # Matched as one product, normalised by the upstream into another: refuse.
+            raise GatewayError(
+                "the path contains '.' or '..' segments (also percent-encoded); send the normalised path",
+                code="path_invalid",
+                status=400,
+            )
         product = snapshot.product_for(request.path)
         if product is None:
             raise GatewayError(
@@ -289,7 +302,14 @@ class Gateway:
                 code="product_not_in_project",
                 status=403,
             )
-        body = await request.read() if request.body_exists else b""
+        try:
+            body = await request.read() if request.body_exists else b""
+        except ConnectionResetError:  # the client hung up mid-body: its fault, not an internal error
+            raise GatewayError(
+                "the client closed the connection before it sent the whole body",
+                code="client_disconnected",
+                status=400,
+            ) from None
         media = request.content_type if body else ""
         payload, content_type = body, request.headers.get("Content-Type", "")
         signed = self._expects_signature(product, request.method, body, media)
@@ -307,7 +327,7 @@ class Gateway:
         forwarded = Forwarded(
             request.method,
             request.path,
-            request.query_string,
+            request.rel_url.raw_query_string,  # as sent: the decoded form can change its meaning
             headers,
             payload,
             client.org_id,
@@ -400,10 +420,10 @@ class Gateway:
                 )
             raise GatewayError(message, code=error.code, status=status) from None
         try:
-            json.loads(verified.payload)
-        except (ValueError, UnicodeDecodeError):
+            json.loads(verified.payload, parse_constant=_not_json)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise GatewayError(
-                "the signed payload is not JSON; sign the JSON request body",
+                "the signed payload is not JSON (or is nested too deeply); sign the JSON request body",
                 code="payload_not_json",
                 status=400,
             ) from None
@@ -442,11 +462,10 @@ class Gateway:
                 data, status=status, headers={"X-Request-Id": forwarded.headers["X-Request-Id"]}
             )
         assert self._session is not None
-        url = (
-            product.upstream.rstrip("/")
-            + forwarded.path
-            + (f"?{forwarded.query_string}" if forwarded.query_string else "")
-        )
+        base = URL(product.upstream.rstrip("/"))
+        url = base.with_path(base.path.rstrip("/") + forwarded.path)  # quotes '?', '#', '%' of the path
+        if forwarded.query_string:
+            url = URL(f"{url}?{forwarded.query_string}", encoded=True)
         try:
             async with self._session.request(
                 forwarded.method,
@@ -474,6 +493,10 @@ class Gateway:
                 code="upstream_unavailable",
                 status=502,
             ) from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
