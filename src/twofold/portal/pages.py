@@ -53,11 +53,17 @@ async def _form(request: web.Request) -> dict[str, Any]:
     return dict(form)
 
 
-def _redirect(location: str, flash: str | None = None) -> web.HTTPSeeOther:
+def _redirect(request: web.Request, location: str, flash: str | None = None) -> web.HTTPSeeOther:
     response = web.HTTPSeeOther(location)
     if flash:
         response.set_cookie(
-            FLASH_COOKIE, quote(flash), max_age=60, httponly=True, samesite="Strict", path="/"
+            FLASH_COOKIE,
+            quote(flash),
+            max_age=60,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            secure=request.app[CONFIG].secure_cookies,
         )
     return response
 
@@ -97,11 +103,17 @@ def _unquote(value: str) -> str:
 
 
 def _safe_next(value: str | None) -> str:
-    if not value:
-        return "/security"
+    """Where to go after signing in: a path on this portal, else home ("/"), which sends
+    operators to their pages and organisation users to Security."""
+    # Browsers read "/\\host" as "//host" and drop tabs and newlines from URLs ("/\t/host"):
+    # a local path starts with one slash and holds no backslash, space or control character.
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return "/"
+    if any(c == "\\" or ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        return "/"
     parts = urlsplit(value)
-    if parts.scheme or parts.netloc or not value.startswith("/") or value.startswith("//"):
-        return "/security"
+    if parts.scheme or parts.netloc:
+        return "/"
     return value
 
 
@@ -112,6 +124,11 @@ async def login_page(request: web.Request) -> web.Response:
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
+    # Login CSRF: another site must not sign a visitor in to an account of its choosing (whose
+    # organisation would then receive the visitor's certificates). Browsers say where a form
+    # came from; scripts and CLIs send no Sec-Fetch-Site and are not affected.
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        raise Forbidden("sign in from the portal's own sign-in page", code="cross_site_login")
     form = await request.post()
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))
@@ -221,6 +238,7 @@ async def add_certificate(request: web.Request) -> web.StreamResponse:
     except TwofoldError as error:
         return await _security(request, env_id, status=error_status(error), error=error, use=use)
     raise _redirect(
+        request,
         f"/security?env={quote(env_id)}",
         f"Added {row['use_label']} certificate {row['common_name']} ({row['fingerprint'][:16]}…)",
     )
@@ -235,7 +253,7 @@ async def remove_certificate(request: web.Request) -> web.StreamResponse:
         row = await _registry(request).remove_certificate(who, env_id, fingerprint)
     except TwofoldError as error:
         return await _security(request, env_id, status=error_status(error), error=error)
-    raise _redirect(f"/security?env={quote(env_id)}", f"Removed certificate {row['common_name']}")
+    raise _redirect(request, f"/security?env={quote(env_id)}", f"Removed certificate {row['common_name']}")
 
 
 # --- projects ----------------------------------------------------------------------------------
@@ -276,7 +294,7 @@ async def create_project(request: web.Request) -> web.StreamResponse:
         project = await _registry(request).create_project(who, str(form.get("name", "")))
     except TwofoldError as error:
         return await _projects(request, status=error_status(error), error=error)
-    raise _redirect("/projects", f"Created project {project['name']}")
+    raise _redirect(request, "/projects", f"Created project {project['name']}")
 
 
 @routes.post("/projects/{project}/products")
@@ -295,7 +313,7 @@ async def project_product(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _projects(request, status=error_status(error), error=error)
-    raise _redirect("/projects", "Project updated")
+    raise _redirect(request, "/projects", "Project updated")
 
 
 @routes.post("/projects/{project}/delete")
@@ -310,7 +328,7 @@ async def delete_project(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _projects(request, status=error_status(error), error=error)
-    raise _redirect("/projects", "Project deleted")
+    raise _redirect(request, "/projects", "Project deleted")
 
 
 # --- API tokens ------------------------------------------------------------------------------------
@@ -345,7 +363,7 @@ async def revoke_token(request: web.Request) -> web.StreamResponse:
         await _registry(request).revoke_token(who, int(request.match_info["token"]))
     except ValueError:
         raise RegistryError("no such token", code="token_not_found", status=404) from None
-    raise _redirect("/tokens", "Token revoked")
+    raise _redirect(request, "/tokens", "Token revoked")
 
 
 # --- operators -------------------------------------------------------------------------------------
@@ -387,7 +405,7 @@ async def admin_add_org(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _admin(request, "admin_orgs.html", status=error_status(error), error=error)
-    raise _redirect("/admin/organisations", f"Created organisation {org['slug']}")
+    raise _redirect(request, "/admin/organisations", f"Created organisation {org['slug']}")
 
 
 @routes.get("/admin/users")
@@ -411,7 +429,7 @@ async def admin_add_user(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _admin(request, "admin_users.html", status=error_status(error), error=error)
-    raise _redirect("/admin/users", f"Created user {user['email']}")
+    raise _redirect(request, "/admin/users", f"Created user {user['email']}")
 
 
 @routes.get("/admin/environments")
@@ -441,7 +459,7 @@ async def admin_save_env(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _admin(request, "admin_envs.html", status=error_status(error), error=error)
-    raise _redirect("/admin/environments", f"Saved environment {env['id']}")
+    raise _redirect(request, "/admin/environments", f"Saved environment {env['id']}")
 
 
 @routes.get("/admin/products")
@@ -466,7 +484,7 @@ async def admin_save_product(request: web.Request) -> web.StreamResponse:
         )
     except TwofoldError as error:
         return await _admin(request, "admin_products.html", status=error_status(error), error=error)
-    raise _redirect("/admin/products", f"Saved API product {product['id']}")
+    raise _redirect(request, "/admin/products", f"Saved API product {product['id']}")
 
 
 @routes.get("/audit")

@@ -34,8 +34,8 @@ class PortalConfig:
 
 REGISTRY = web.AppKey("registry", Registry)
 CONFIG = web.AppKey("config", PortalConfig)
-PRINCIPAL = "twofold.principal"
-CSRF = "twofold.csrf"
+PRINCIPAL = web.RequestKey("principal", Principal)
+CSRF = web.RequestKey("csrf", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -78,7 +78,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "same-origin")
-    response.headers.setdefault("Cache-Control", "no-store")
+    if not request.path.startswith("/static/"):  # static files are versioned (append_version)
+        response.headers.setdefault("Cache-Control", "no-store")
     return response
 
 
@@ -136,7 +137,3 @@ def log_unexpected(request: web.Request, exc: BaseException) -> None:
     # errors quote statement parameters (certificate bytes, hashes), bodies may hold secrets.
     where = "".join(traceback.format_tb(exc.__traceback__)[-3:])
     log.error("unexpected %s on %s %s\n%s", type(exc).__name__, request.method, request.path, where)
-
-
-def hidden_field(request: web.Request) -> dict[str, Any]:
-    return {"csrf_token": request.get(CSRF, "")}
