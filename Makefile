@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
 
-.PHONY: run test lint typecheck unit bench system-deps clean walkthrough
+.PHONY: run test lint typecheck unit bench bench-gateway system-deps clean walkthrough
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ unit: $(DEPS)
 
 bench: $(DEPS) system-deps
 	$(BIN)/python bench/jws_bench.py
+
+## make bench-gateway: the gateway against nginx as an mTLS reverse proxy (keep-alive signed
+## requests/s and new mTLS handshakes/s, about 5 minutes); exits 1 when a target is missed.
+bench-gateway: $(DEPS) system-deps
+	$(BIN)/python bench/gateway_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist src/*.egg-info

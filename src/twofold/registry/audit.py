@@ -15,12 +15,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from twofold.registry.models import AuditEntry
 
 GENESIS = "0" * 64
+# PostgreSQL advisory lock key ("twof" + "audi") that queues writers of the chain.
+AUDIT_LOCK = 0x74776F66_61756469
 
 
 def entry_hash(
@@ -60,6 +62,11 @@ async def append(
     org_id: int | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
+    if session.get_bind().dialect.name == "postgresql":
+        # Writers queue here until the previous one commits, then read its entry as the head;
+        # without it, concurrent writers all pick the same head and all but one fail on the
+        # unique prev_hash and retry, which under a burst exhausts the retries (a 503).
+        await session.execute(select(func.pg_advisory_xact_lock(AUDIT_LOCK)))
     last = (await session.execute(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1))).scalar()
     prev = last or GENESIS
     # Stored with microsecond precision on every backend, so hash what will be read back.

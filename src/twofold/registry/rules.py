@@ -18,6 +18,10 @@ from twofold.crypto import _pem, certs, keys
 from twofold.errors import TwofoldError
 
 MAX_UPLOAD = 64 * 1024  # a certificate is a few KB; anything bigger is not one
+# What the registry stores must fit its columns on every backend (PostgreSQL enforces them).
+MAX_NAME = 1000  # subject and issuer, as RFC 4514 text
+MAX_COMMON_NAME = 64  # RFC 5280 ub-common-name
+MAX_SERIAL_HEX = 100
 USES = ("mtls", "signature")
 USE_LABELS = {"mtls": "MTLS", "signature": "Digital Signature"}
 
@@ -163,6 +167,27 @@ def inspect_upload(
     common_name = certs.common_name(cert.subject)
     if not common_name or not common_name.strip():
         raise RegistryError("the certificate has no Common Name (CN) in its subject", code="no_common_name")
+    if len(common_name.strip()) > MAX_COMMON_NAME:
+        raise RegistryError(
+            f"the certificate's Common Name is {len(common_name.strip())} characters long; X.509 allows "
+            f"at most {MAX_COMMON_NAME}: reissue it with a shorter CN",
+            code="common_name_too_long",
+        )
+    subject, issuer = cert.subject.rfc4514_string(), cert.issuer.rfc4514_string()
+    for what, text in (("subject", subject), ("issuer", issuer)):
+        if len(text) > MAX_NAME:
+            raise RegistryError(
+                f"the certificate's {what} name is {len(text):,} characters long; the registry accepts "
+                f"names up to {MAX_NAME:,}: reissue it with a shorter {what}",
+                code="name_too_long",
+            )
+    serial = format(cert.serial_number, "X")
+    if len(serial) > MAX_SERIAL_HEX:
+        raise RegistryError(
+            f"the certificate's serial number is {(cert.serial_number.bit_length() + 7) // 8} bytes long; "
+            "X.509 allows at most 20: ask the issuer for a conforming certificate",
+            code="serial_too_long",
+        )
     self_signed = certs.is_self_signed(cert)
     if self_signed and not allow_self_signed:
         raise RegistryError(
@@ -193,11 +218,11 @@ def inspect_upload(
         spki_sha256=hashlib.sha256(keys.public_key_bytes(public, der=True)).hexdigest(),
         x5t_s256=certs.x5t_s256(der),
         sha1_thumbprint=certs.sha1_thumbprint(der),
-        subject=cert.subject.rfc4514_string(),
+        subject=subject,
         common_name=common_name.strip(),
         cn_key=cn_key(common_name),
-        issuer=cert.issuer.rfc4514_string(),
-        serial=format(cert.serial_number, "X"),
+        issuer=issuer,
+        serial=serial,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         key_type=key_type,

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from twofold.crypto import certs as _certs
@@ -821,24 +821,26 @@ class Registry:
 
         async def work(session: AsyncSession) -> dict[str, Any]:
             active = Certificate.status == "active"
-            if (
-                await session.execute(
-                    select(Certificate.id).where(active, Certificate.fingerprint == facts.fingerprint)
-                )
-            ).scalar():
+            # One statement, so one snapshot: a concurrent upload of the same certificate that
+            # commits in between cannot make the answer "public key reused".
+            same = or_(
+                Certificate.fingerprint == facts.fingerprint, Certificate.spki_sha256 == facts.spki_sha256
+            )
+            clashes = set(
+                (await session.execute(select(Certificate.fingerprint).where(active, same))).scalars()
+            )
+            if facts.fingerprint in clashes:
                 raise Conflict("this certificate is already registered", code="certificate_duplicate")
-            if (
-                await session.execute(
-                    select(Certificate.id).where(active, Certificate.spki_sha256 == facts.spki_sha256)
-                )
-            ).scalar():
+            if clashes:
                 raise Conflict(
                     "a certificate with the same public key is already registered; every certificate "
                     "needs its own key pair",
                     code="public_key_reused",
                 )
             if use == "mtls":
-                owner = await session.get(CnOwner, (env_id, facts.cn_key))
+                # Locked (PostgreSQL) so that a concurrent removal of the CN's last certificate
+                # cannot release the name between this check and this transaction's insert.
+                owner = await session.get(CnOwner, (env_id, facts.cn_key), with_for_update=True)
                 if owner is not None and owner.org_id != org_id:
                     raise Conflict(
                         f"the Common Name {facts.common_name!r} belongs to another organisation in "
@@ -982,6 +984,13 @@ class Registry:
             row.status, row.removed_by, row.removed_at = "removed", actor.name, utcnow()
             await session.flush()
             if row.use == "mtls":
+                # Lock the name's owner row first: a concurrent add of the same CN holds it until
+                # it commits, so the count below sees that add and the name is not released.
+                await session.execute(
+                    select(CnOwner)
+                    .where(CnOwner.environment_id == env_id, CnOwner.cn_key == row.cn_key)
+                    .with_for_update()
+                )
                 left = (
                     await session.execute(
                         select(func.count())
