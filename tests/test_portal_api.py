@@ -607,13 +607,6 @@ def test_sign_in_from_another_site_is_refused(
             assert "cross_site_login" in response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry bug: Registry.authenticate runs argon2 (≈0.1 s of CPU and 64 MiB per call) "
-    "on the event loop, so every sign-in attempt — anonymous ones included — stalls every other "
-    "request of the process; it belongs in a worker thread (asyncio.to_thread). The same holds "
-    "for hash_password in add_user/set_password.",
-)
 def test_password_checks_do_not_block_the_event_loop(
     server: PortalServer, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,19 +96,19 @@ def inspect_upload(
         raise RegistryError(
             "the file is empty; choose the certificate file (.pem, .crt or .cer)", code="empty_file"
         )
-    if len(data) > MAX_UPLOAD:
-        raise RegistryError(
-            f"the file is {len(data):,} bytes; a certificate is a few KB — choose the certificate "
-            "file, not a bundle or archive",
-            code="file_too_large",
-            status=413,
-        )
     if _pem.looks_like_private_key(data):
         raise RegistryError(
             "this file contains a PRIVATE KEY. Nothing was stored. Never upload private keys: treat "
             "this key as exposed — generate a new key pair and certificate, and upload only the "
             "certificate (the file starting with -----BEGIN CERTIFICATE-----)",
             code="private_key_uploaded",
+        )
+    if len(data) > MAX_UPLOAD:
+        raise RegistryError(
+            f"the file is {len(data):,} bytes; a certificate is a few KB — choose the certificate "
+            "file, not a bundle or archive",
+            code="file_too_large",
+            status=413,
         )
     try:
         listed = certs.load_certificates(data, name="the file")
