@@ -33,7 +33,7 @@ system-deps:
 
 lint: $(DEPS)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(DEPS)
 	$(BIN)/mypy
