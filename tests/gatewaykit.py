@@ -35,6 +35,7 @@ from aiohttp import web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from twofold.aio import LoopThread
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
@@ -54,35 +55,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where installed: `twofold serve` runs on it in production."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-class LoopThread:
-    """An event loop running forever in a daemon thread; :meth:`call` runs coroutines on it."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = new_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(15)
-        if not self.loop.is_running():
-            self.loop.close()
 
 
 # --- a recording upstream -------------------------------------------------------------------

@@ -7,10 +7,8 @@ reaches the same registry directly through :meth:`PortalServer.call`.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ssl
-import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from twofold.aio import LoopThread
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
@@ -49,11 +48,8 @@ class PortalServer:
         self.tls = server_context(issued.key, issued.certificate, require_client_cert=False)
         self.port = 0
         self.registry: Registry | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._thread: LoopThread | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -67,26 +63,13 @@ class PortalServer:
         return context
 
     def start(self) -> PortalServer:
-        self._thread = threading.Thread(target=self._run, name="twofold-portal", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the portal did not start within 30 s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+        self._thread = LoopThread("twofold-portal")
         try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        loop.run_forever()
-        loop.run_until_complete(self._cleanup())
-        loop.close()
+            self._thread.call(self._serve(), timeout=30)
+        except BaseException:
+            self._thread.close()
+            raise
+        return self
 
     async def _serve(self) -> None:
         registry = await Registry.open(str(self.db_path))
@@ -100,7 +83,6 @@ class PortalServer:
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self._ready.set()
 
     async def _cleanup(self) -> None:
         if self._runner is not None:
@@ -109,9 +91,9 @@ class PortalServer:
             await self.registry.close()
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(15)
+        if self._thread is not None:
+            self._thread.call(self._cleanup(), timeout=15)
+            self._thread.close()
 
     def __enter__(self) -> PortalServer:
         return self.start()
@@ -123,8 +105,8 @@ class PortalServer:
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a registry coroutine on the server's loop (where its engine lives)."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        assert self._thread is not None
+        return self._thread.call(coroutine, timeout)
 
     @property
     def reg(self) -> Registry:

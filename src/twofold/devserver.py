@@ -7,16 +7,15 @@ Used by ``make run``'s client walkthrough and by the client tests; the real gate
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
+from twofold.aio import LoopThread
 from twofold.crypto import certs, jws
 from twofold.crypto.ca import LocalCA
 from twofold.errors import JWSError
@@ -102,11 +101,8 @@ class EchoServer:
         self.app = echo_app(signature_certs)
         self.host = host
         self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: LoopThread | None = None
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -117,25 +113,13 @@ class EchoServer:
         return certs.certificate_pem(self.ca.certificate)
 
     def start(self) -> EchoServer:
-        self._thread = threading.Thread(target=self._run, name="twofold-echo", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+        self._thread = LoopThread("twofold-echo")
         try:
-            loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        loop.run_forever()
-        loop.run_until_complete(self._cleanup())
-        loop.close()
+            self._thread.call(self._serve(), timeout=10)
+        except BaseException:
+            self._thread.close()
+            raise
+        return self
 
     async def _serve(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -143,16 +127,13 @@ class EchoServer:
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.context)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self._ready.set()
-
-    async def _cleanup(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        if self._thread is None:
+            return
+        if self._runner is not None:
+            self._thread.call(self._runner.cleanup(), timeout=10)
+        self._thread.close()
 
     def __enter__(self) -> EchoServer:
         return self.start()
