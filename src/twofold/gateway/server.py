@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import re
+import secrets
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,11 @@ HEADER_ENV = "X-Twofold-Environment"
 HEADER_CLIENT_CERT = "X-Twofold-Client-Cert-Sha256"
 HEADER_SIGNATURE_CERT = "X-Twofold-Signature-Cert-Sha256"
 _JWS_STATUS = {"jws_signature_invalid": 401, "jws_no_key": 401, "jws_too_large": 413}
+
+
+# Request ids: unique per process start and cheap (uuid4 costs more than the rest of the headers).
+_REQUEST_ID_PREFIX = secrets.token_hex(6)
+_request_ids = itertools.count(1)
 
 
 class GatewayError(TwofoldError):
@@ -217,19 +223,26 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
-    def app(self, env: str) -> web.Application:
-        """The aiohttp application of one environment's listener."""
-        app = web.Application(client_max_size=self.config.max_body, handler_args={"max_field_size": 16384})
+    def server(self, env: str) -> web.Server:
+        """aiohttp's low-level server for one environment's listener: every path goes to
+        :meth:`handle` (an application router would only add work per request)."""
+        max_body = self.config.max_body
 
-        async def handle(request: web.Request) -> web.StreamResponse:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
             return await self.handle(request, env)
 
-        app.router.add_route("*", "/{tail:.*}", handle)
-        return app
+        def make_request(
+            message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+        ) -> web.BaseRequest:
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=max_body
+            )
+
+        return web.Server(handle, request_factory=make_request, max_field_size=16384)
 
     # --- one request --------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request, env: str) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, env: str) -> web.StreamResponse:
         started = time.perf_counter()
         outcome = _Outcome()
         try:
@@ -277,7 +290,7 @@ class Gateway:
             )
         return response
 
-    async def _process(self, request: web.Request, env: str, outcome: _Outcome) -> web.StreamResponse:
+    async def _process(self, request: web.BaseRequest, env: str, outcome: _Outcome) -> web.StreamResponse:
         snapshot = self.snapshot
         assert snapshot is not None
         client = self._identify(request, env, snapshot)
@@ -336,7 +349,7 @@ class Gateway:
         )
         return await self._forward(product, forwarded, outcome)
 
-    def _identify(self, request: web.Request, env: str, snapshot: Snapshot) -> ClientCert:
+    def _identify(self, request: web.BaseRequest, env: str, snapshot: Snapshot) -> ClientCert:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
@@ -431,13 +444,20 @@ class Gateway:
 
     @staticmethod
     def _upstream_headers(
-        request: web.Request, client: ClientCert, env: str, signature_fp: str | None, content_type: str
+        request: web.BaseRequest, client: ClientCert, env: str, signature_fp: str | None, content_type: str
     ) -> dict[str, str]:
         headers = {
             name: value
             for name, value in request.headers.items()
-            if name.lower() not in _HOP_BY_HOP and not name.lower().startswith("x-twofold-")
+            if name.lower() not in _HOP_BY_HOP
+            and not name.lower().startswith("x-twofold-")
+            and name.lower() != "x-request-id"
         }
+        sent_id = request.headers.get("X-Request-Id", "")
+        if sent_id and len(sent_id) <= 128 and sent_id.isprintable():
+            headers["X-Request-Id"] = sent_id
+        else:
+            headers["X-Request-Id"] = f"{_REQUEST_ID_PREFIX}-{next(_request_ids):x}"
         if content_type:
             headers["Content-Type"] = content_type
         headers[HEADER_ORG] = client.org
@@ -445,7 +465,6 @@ class Gateway:
         headers[HEADER_CLIENT_CERT] = client.fingerprint
         if signature_fp:
             headers[HEADER_SIGNATURE_CERT] = signature_fp
-        headers.setdefault("X-Request-Id", str(uuid.uuid4()))
         return headers
 
     async def _forward(self, product: Product, forwarded: Forwarded, outcome: _Outcome) -> web.StreamResponse:
@@ -506,10 +525,10 @@ def _json_error(status: int, code: str, message: str) -> web.Response:
 def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
     """Health, readiness and Prometheus metrics (bind it to loopback)."""
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def healthz(_request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(_request: web.BaseRequest) -> web.Response:
         ok = gateway.ready and (extra_ready() if extra_ready else True)
         body: dict[str, Any] = {
             "ready": ok,
@@ -517,7 +536,7 @@ def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None
         }
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics(_request: web.Request) -> web.Response:
+    async def metrics(_request: web.BaseRequest) -> web.Response:
         return web.Response(
             body=gateway.metrics.render(), headers={"Content-Type": gateway.metrics.content_type}
         )
@@ -568,9 +587,9 @@ class _HandshakeWatch(asyncio.Protocol):
 
 async def serve_environment(
     gateway: Gateway, env: str, host: str, port: int, *, reuse_port: bool = False
-) -> tuple[web.AppRunner, asyncio.Server]:
+) -> tuple[web.BaseRunner, asyncio.Server]:
     """Start the TLS listener of one environment; returns what :func:`close_listener` needs."""
-    runner = web.AppRunner(gateway.app(env), access_log=None, handle_signals=False)
+    runner = web.ServerRunner(gateway.server(env), access_log=None, handle_signals=False)
     await runner.setup()
     server_factory = runner.server
     assert server_factory is not None
@@ -586,7 +605,7 @@ async def serve_environment(
     return runner, server
 
 
-async def close_listener(runner: web.AppRunner, server: asyncio.Server) -> None:
+async def close_listener(runner: web.BaseRunner, server: asyncio.Server) -> None:
     server.close()
     await runner.shutdown()
     await runner.cleanup()
