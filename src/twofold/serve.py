@@ -248,11 +248,12 @@ async def run(
         admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
         await admin.setup()
         await web.TCPSite(admin, config.admin_host, config.admin_port).start()
-        workers = [_spawn_worker(config) for _ in range(config.workers - 1)]
+        workers = [_spawn_worker(config, index) for index in range(1, config.workers)]
         facts = {
             "portal": f"https://localhost:{config.portal_port}",
             "gateways": dict(gateway_urls),
             "admin": f"http://{config.admin_host}:{config.admin_port}",
+            "worker_admin_ports": [config.admin_port + index for index in range(1, config.workers)],
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
@@ -274,15 +275,18 @@ async def run(
         await registry.close()
 
 
-def _spawn_worker(config: ServeConfig) -> multiprocessing.process.BaseProcess:
+def _spawn_worker(config: ServeConfig, index: int) -> multiprocessing.process.BaseProcess:
     context = multiprocessing.get_context("spawn")
-    process = context.Process(target=_worker_main, args=(config,), daemon=True, name="twofold-gateway")
+    process = context.Process(
+        target=_worker_main, args=(config, index), daemon=True, name=f"twofold-gateway-{index}"
+    )
     process.start()
     return process
 
 
-def _worker_main(config: ServeConfig) -> None:
-    """An extra gateway process: the same listeners (SO_REUSEPORT), its own registry view."""
+def _worker_main(config: ServeConfig, index: int) -> None:
+    """An extra gateway process: the same listeners (SO_REUSEPORT), its own registry view, and
+    its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
     _install_uvloop()
     _configure_logging(config.access_log)
 
@@ -301,10 +305,14 @@ def _worker_main(config: ServeConfig) -> None:
         )
         await gateway.start()
         listeners = await _gateway_listeners(gateway, config, await registry.list_environments(), True)
+        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
+        await admin.setup()
+        await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
         _settle_heap()
         await _wait_for_signal()
         for runner, server in listeners:
             await close_listener(runner, server)
+        await admin.cleanup()
         await gateway.stop()
         await registry.close()
 

@@ -81,6 +81,9 @@ def serve_command(
         for env, url in facts["gateways"].items():
             err.print(f"  gateway   {url}  ({env})")
         err.print(f"  admin     {facts['admin']}/metrics  /healthz  /readyz")
+        if facts["worker_admin_ports"]:
+            ports = ", ".join(str(p) for p in facts["worker_admin_ports"])
+            err.print(f"            (each extra gateway process has its own: ports {ports})")
         err.print(f"  CA        {facts['ca']}   (clients: --cacert {facts['ca']})")
         err.print("  next      in another terminal: twofold demo    — Ctrl-C stops")
 
