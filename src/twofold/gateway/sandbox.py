@@ -18,8 +18,9 @@ class Forwarded:
     """What the gateway passes to an upstream after every check."""
 
     method: str
-    path: str
-    query_string: str  # raw, percent-encoded as the client sent it
+    path: str  # decoded
+    raw_path: str  # as sent (what a proxy forwards)
+    query_string: str  # as sent  # raw, percent-encoded as the client sent it
     headers: dict[str, str]
     body: bytes
     org_id: int

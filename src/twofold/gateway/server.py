@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography import x509
+from multidict import CIMultiDict
 from yarl import URL
 
 from twofold.crypto.certs import fingerprint_sha256
@@ -30,6 +31,7 @@ from twofold.errors import JWSError, TwofoldError
 from twofold.gateway.metrics import Metrics
 from twofold.gateway.sandbox import SANDBOXES, Forwarded
 from twofold.gateway.snapshot import ClientCert, Product, Snapshot, load_snapshot
+from twofold.gateway.upstream import UpstreamError, UpstreamPool, serialise
 from twofold.registry.db import is_sqlite, normalise_url
 from twofold.registry.service import Registry
 from twofold.tls import server_context
@@ -54,6 +56,18 @@ _HOP_BY_HOP = frozenset(
         "content-type",
         "content-encoding",
         "expect",
+    }
+)
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
     }
 )
 HEADER_ORG = "X-Twofold-Organisation"
@@ -110,7 +124,9 @@ class Gateway:
         self.listening: dict[str, ssl.SSLContext] = {}
         self._newest: dict[str, ssl.SSLContext] = {}
         self._trust: dict[str, frozenset[str]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # HTTPS upstreams
+        self._pool = UpstreamPool()  # plain-HTTP upstreams
+        self._targets: dict[str, _Target] = {}
         self._last_poll = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,7 +224,7 @@ class Gateway:
     async def start(self) -> None:
         await self.refresh()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30), auto_decompress=True
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30), auto_decompress=False
         )
         self._tasks.append(asyncio.create_task(self.watch()))
         if not is_sqlite(self.registry.url):
@@ -222,6 +238,7 @@ class Gateway:
                 await task
         if self._session is not None:
             await self._session.close()
+        self._pool.close()
 
     def server(self, env: str) -> web.Server:
         """aiohttp's low-level server for one environment's listener: every path goes to
@@ -340,6 +357,7 @@ class Gateway:
         forwarded = Forwarded(
             request.method,
             request.path,
+            request.rel_url.raw_path,
             request.rel_url.raw_query_string,  # as sent: the decoded form can change its meaning
             headers,
             payload,
@@ -480,38 +498,77 @@ class Gateway:
             return web.json_response(
                 data, status=status, headers={"X-Request-Id": forwarded.headers["X-Request-Id"]}
             )
-        assert self._session is not None
-        base = URL(product.upstream.rstrip("/"))
-        url = base.with_path(base.path.rstrip("/") + forwarded.path)  # quotes '?', '#', '%' of the path
+        target = self._targets.get(product.upstream)
+        if target is None:
+            target = self._targets[product.upstream] = _Target.parse(product.upstream)
+        path = target.base_path + forwarded.raw_path
         if forwarded.query_string:
-            url = URL(f"{url}?{forwarded.query_string}", encoded=True)
+            path = f"{path}?{forwarded.query_string}"
         try:
-            async with self._session.request(
-                forwarded.method,
-                url,
-                headers=forwarded.headers,
-                data=forwarded.body or None,
-                timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout),
-                allow_redirects=False,
-            ) as upstream:
-                content = await upstream.read()
-                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-                headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
-                if upstream.status >= 500:
-                    outcome.code = f"upstream_{upstream.status}"
-                return web.Response(status=upstream.status, body=content, headers=headers)
+            async with asyncio.timeout(self.config.upstream_timeout):
+                if target.lean and forwarded.method != "HEAD":
+                    request = serialise(
+                        forwarded.method, path, target.host_header, forwarded.headers, forwarded.body
+                    )
+                    answer = await self._pool.request(target.host, target.port, request)
+                    status, upstream_headers, content = answer.status, answer.headers, answer.body
+                else:
+                    assert self._session is not None
+                    async with self._session.request(
+                        forwarded.method,
+                        URL(target.origin + path, encoded=True),
+                        headers=forwarded.headers,
+                        data=forwarded.body or None,
+                        allow_redirects=False,
+                    ) as upstream:
+                        content = await upstream.read()
+                        status, upstream_headers = upstream.status, list(upstream.headers.items())
         except TimeoutError:
             raise GatewayError(
                 f"the {product.name} API did not answer within {self.config.upstream_timeout:g} s",
                 code="upstream_timeout",
                 status=504,
             ) from None
-        except aiohttp.ClientError as exc:
+        except (UpstreamError, aiohttp.ClientError) as exc:
             raise GatewayError(
-                f"the {product.name} API is unavailable ({type(exc).__name__})",
+                f"the {product.name} API is unavailable ({exc if isinstance(exc, UpstreamError) else type(exc).__name__})",
                 code="upstream_unavailable",
                 status=502,
             ) from None
+        headers = CIMultiDict((k, v) for k, v in upstream_headers if k.lower() not in _RESPONSE_HOP_BY_HOP)
+        if "Content-Type" not in headers:
+            headers["Content-Type"] = "application/json"
+        if status >= 500:
+            outcome.code = f"upstream_{status}"
+        return web.Response(status=status, body=content, headers=headers)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A parsed upstream URL (parsed once per product, not per request)."""
+
+    origin: str  # scheme://host:port
+    host: str
+    port: int
+    host_header: str
+    base_path: str
+    lean: bool  # plain HTTP: the pooled HTTP/1.1 client; HTTPS: aiohttp
+
+    @classmethod
+    def parse(cls, upstream: str) -> _Target:
+        url = URL(upstream)
+        host = url.raw_host or "localhost"
+        port = url.port or (443 if url.scheme == "https" else 80)
+        default = port == (443 if url.scheme == "https" else 80)
+        host_header = (f"[{host}]" if ":" in host else host) + ("" if default else f":{port}")
+        return cls(
+            f"{url.scheme}://{host_header}",
+            host,
+            port,
+            host_header,
+            url.raw_path.rstrip("/"),
+            url.scheme == "http",
+        )
 
 
 def _not_json(name: str) -> Any:
