@@ -17,10 +17,12 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from multidict import CIMultiDict
 from yarl import URL
@@ -255,7 +257,7 @@ class Gateway:
                 message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=max_body
             )
 
-        return web.Server(handle, request_factory=make_request, max_field_size=16384)
+        return _GatewayServer(handle, request_factory=make_request, max_field_size=16384)
 
     # --- one request --------------------------------------------------------------------------
 
@@ -603,6 +605,32 @@ def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+class _JSONProtocolErrors(RequestHandler):
+    """aiohttp answers requests it cannot parse (a header over the size limit, a malformed
+    request line) itself, before the gateway sees them; answer those as JSON too."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; refuses if a response began
+        code = {400: "bad_request", 413: "body_too_large", 431: "headers_too_large"}.get(
+            status, f"http_{status}"
+        )
+        text = message if message and status < 500 else HTTPStatus(status).phrase
+        response = _json_error(status, code, f"the request could not be read as HTTP/1.1: {text}")
+        response.force_close()
+        return response
+
+
+class _GatewayServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONProtocolErrors(self, loop=self._loop, **self._kwargs)
 
 
 class _HandshakeWatch(asyncio.Protocol):
