@@ -202,6 +202,45 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+@dataclass
+class _GatewayProcess:
+    """The gateway side of one process: the gateway, its listeners and its admin listener."""
+
+    gateway: Gateway
+    listeners: list[tuple[web.BaseRunner, asyncio.Server]]
+    admin: web.AppRunner
+
+    @classmethod
+    async def start(
+        cls, config: ServeConfig, registry: Registry, tls: Credentials, index: int
+    ) -> _GatewayProcess:
+        """Process ``index`` (0 is the main one) of ``config.workers``: listeners share the
+        ports (SO_REUSEPORT) when there are several; admin listens on admin port + index."""
+        gateway = Gateway(
+            registry,
+            key=tls.server_key,
+            certificate=tls.server_cert,
+            config=GatewayConfig(
+                max_body=config.max_body,
+                upstream_timeout=config.upstream_timeout,
+                access_log=config.access_log,
+            ),
+        )
+        await gateway.start()
+        envs = await registry.list_environments()
+        listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
+        await admin.setup()
+        await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
+        return cls(gateway, listeners, admin)
+
+    async def stop(self) -> None:
+        for runner, server in self.listeners:
+            await close_listener(runner, server)
+        await self.admin.cleanup()
+        await self.gateway.stop()
+
+
 async def run(
     config: ServeConfig,
     announce: Callable[[str], None],
@@ -216,19 +255,7 @@ async def run(
     try:
         await bootstrap(registry, announce)
         envs = await registry.list_environments()
-        gateway = Gateway(
-            registry,
-            key=tls.server_key,
-            certificate=tls.server_cert,
-            config=GatewayConfig(
-                max_body=config.max_body,
-                upstream_timeout=config.upstream_timeout,
-                access_log=config.access_log,
-            ),
-        )
-        await gateway.start()
-        reuse = config.workers > 1
-        listeners = await _gateway_listeners(gateway, config, envs, reuse)
+        gateways = await _GatewayProcess.start(config, registry, tls, 0)
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
@@ -245,9 +272,6 @@ async def run(
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
         await portal_site.start()
-        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
-        await admin.setup()
-        await web.TCPSite(admin, config.admin_host, config.admin_port).start()
         workers = [_spawn_worker(config, index) for index in range(1, config.workers)]
         facts = {
             "portal": f"https://localhost:{config.portal_port}",
@@ -264,11 +288,8 @@ async def run(
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
-        for runner, server in listeners:
-            await close_listener(runner, server)
+        await gateways.stop()
         await portal.cleanup()
-        await admin.cleanup()
-        await gateway.stop()
         for process in workers:
             process.join(5)
     finally:
@@ -293,27 +314,10 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     async def main() -> None:
         tls = local_tls(config.data, lambda _m: None)
         registry = await Registry.open(config.db_url, migrate=False)
-        gateway = Gateway(
-            registry,
-            key=tls.server_key,
-            certificate=tls.server_cert,
-            config=GatewayConfig(
-                max_body=config.max_body,
-                upstream_timeout=config.upstream_timeout,
-                access_log=config.access_log,
-            ),
-        )
-        await gateway.start()
-        listeners = await _gateway_listeners(gateway, config, await registry.list_environments(), True)
-        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
-        await admin.setup()
-        await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
+        gateways = await _GatewayProcess.start(config, registry, tls, index)
         _settle_heap()
         await _wait_for_signal()
-        for runner, server in listeners:
-            await close_listener(runner, server)
-        await admin.cleanup()
-        await gateway.stop()
+        await gateways.stop()
         await registry.close()
 
     asyncio.run(main())
