@@ -1,0 +1,140 @@
+"""`twofold serve --workers 2` as an operator starts it: two gateway processes share the
+environment's port, each has its own admin listener, and a certificate removed in the
+registry is refused by both within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+import twofold
+from gatewaykit import PROPAGATION, free_port, wait_until
+from twofold.crypto import certs, keys
+from twofold.registry.auth import SYSTEM
+from twofold.registry.service import Registry
+
+TWOFOLD = str(Path(sys.executable).with_name("twofold"))
+
+
+@dataclass
+class Served:
+    data: Path
+    gateway: int
+    admin: int
+    mtls: Path
+    key: Path
+    fingerprint: str
+
+    @property
+    def ca(self) -> str:
+        return str(self.data / "ca" / "ca.crt")
+
+    def call(self) -> int:
+        """One request on a NEW connection (so SO_REUSEPORT spreads them over the workers)."""
+        try:
+            with twofold.Client(verify=self.ca, cert=self.mtls, key=self.key, timeout=5) as client:
+                return client.get(f"https://localhost:{self.gateway}/accessapi/balance").status_code
+        except httpx.TransportError:
+            return 0  # the handshake was refused
+
+    def requests_counted(self, admin_port: int) -> float:
+        text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("twofold_gateway_requests_total{") and 'outcome="ok"' in line
+        )
+
+
+async def _seed(db: Path, mtls_pem: bytes) -> str:
+    registry = await Registry.open(str(db))
+    try:
+        await registry.add_org(SYSTEM, "acme")
+        await registry.add_user(
+            SYSTEM, "sec@acme.test", org="acme", roles=["api_security", "developer"], password=None
+        )
+        who = await registry.token_principal(await registry.create_token(SYSTEM, for_email="sec@acme.test"))
+        row = await registry.add_certificate(who, "cat", "mtls", mtls_pem)
+        project = await registry.create_project(who, "treasury")
+        await registry.set_project_product(who, project["id"], "balance", "cat", present=True)
+        return str(row["fingerprint"])
+    finally:
+        await registry.close()
+
+
+async def _remove(db: Path, fingerprint: str) -> None:
+    registry = await Registry.open(str(db), migrate=False)
+    try:
+        await registry.remove_certificate(SYSTEM, "cat", fingerprint)
+    finally:
+        await registry.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("workers")
+    data = work / "data"
+    gateway, prod, portal, admin = free_port(), free_port(), free_port(), free_port()
+    config = work / "twofold.toml"
+    config.write_text(
+        f"workers = 2\nportal_port = {portal}\nadmin_port = {admin}\n[ports]\ncat = {gateway}\nprod = {prod}\n"
+    )
+    process = subprocess.Popen(
+        [TWOFOLD, "serve", "--data", str(data), "--config", str(config), "--no-access-log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+
+        def ready(port: int) -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(lambda: ready(admin) and ready(admin + 1), 60, 0.2)
+        key = keys.generate_private_key("ec")
+        cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
+        (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
+        (work / "mtls.key").write_bytes(keys.private_key_bytes(key))
+        fingerprint = asyncio.run(_seed(data / "twofold.db", certs.certificate_pem(cert)))
+        yield Served(data, gateway, admin, work / "mtls.crt", work / "mtls.key", fingerprint)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def _all_accept(served: Served) -> bool:
+    return all(served.call() == 200 for _ in range(12))  # connections land on both processes
+
+
+def test_both_gateway_processes_serve_the_port_and_count_their_own_requests(served: Served) -> None:
+    # The registration reaches each process on its own poll, within a second of the other.
+    wait_until(lambda: _all_accept(served), PROPAGATION * 5)
+    statuses = [served.call() for _ in range(24)]
+    assert statuses == [200] * 24
+    main, worker = served.requests_counted(served.admin), served.requests_counted(served.admin + 1)
+    assert main + worker >= 24
+    assert main > 0, f"the worker process took every connection: {main} / {worker}"
+    assert worker > 0, f"the main process took every connection: {main} / {worker}"
+
+
+def test_a_removed_certificate_is_refused_by_every_process_within_a_second(served: Served) -> None:
+    wait_until(lambda: _all_accept(served), PROPAGATION * 5)
+    asyncio.run(_remove(served.data / "twofold.db", served.fingerprint))
+    wait_until(lambda: all(served.call() != 200 for _ in range(12)), PROPAGATION)
+    assert [served.call() for _ in range(12)] == [0] * 12  # new handshakes refused everywhere
