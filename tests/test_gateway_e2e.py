@@ -410,6 +410,43 @@ def test_identity_headers_sent_by_the_client_are_replaced(world: World) -> None:
     assert received.header("X-Twofold-Environment") == ["cat"]
 
 
+def test_headers_an_upstream_may_trust_are_the_gateways_own(world: World) -> None:
+    """CGI-style upstreams read `X_Twofold_Organisation` as `X-Twofold-Organisation`, and proxy
+    headers such as `Client-Cert` or `X-Forwarded-For` name identities: none of them may come
+    from the client."""
+    acme = world.orgs["acme"]
+    forged = {
+        "X_Twofold_Organisation": "globex",
+        "Client-Cert": ":bm90LW1pbmU=:",
+        "X-Forwarded-Client-Cert": "Hash=00",
+        "X-SSL-Client-Cert": "forged",
+        "X-Forwarded-For": "10.9.8.7",
+        "Forwarded": "for=10.9.8.7",
+        "X-Custom": "kept",
+    }
+    mark = world.upstream.count()
+    with world.client(acme.mtls) as client:
+        assert client.post("/relay", json={"a": 1}, headers=forged).status_code == 200
+    [received] = world.upstream.since(mark)
+    names = {k.lower() for k, _ in received.headers}
+    assert not any("_" in name for name in names)
+    assert not names & {"client-cert", "x-forwarded-client-cert", "x-ssl-client-cert", "forwarded"}
+    assert received.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert received.header("X-Custom") == ["kept"]
+    assert received.header("X-Twofold-Organisation") == ["acme"]
+
+
+def test_a_product_path_matches_whatever_its_case(world: World) -> None:
+    """`/RECORDED` is the signature-required product, not a path no product serves (an upstream
+    that ignores case would otherwise get it unsigned from a catch-all)."""
+    mark = world.upstream.count()
+    with world.client(world.orgs["acme"].mtls) as client:
+        response = client.post("/RECORDED/x", json={"a": 1})
+    assert response.status_code in (400, 415), response.text
+    assert response.json()["error"]["code"] == "signature_required"
+    assert world.upstream.since(mark) == []
+
+
 # --- refusals: stable codes and statuses --------------------------------------------------
 
 
@@ -576,6 +613,12 @@ def test_an_upstream_slower_than_the_timeout_is_504_upstream_timeout(world: Worl
         "/plain/./../recorded/x",
         "/plain/x/..%2F..%2Frecorded",
         "/echo/../tsapi/v1/payments",
+        "/plain//recorded",
+        "/plain/recorded;x=1",
+        "/plain/..;/recorded",
+        "/plain%2frecorded",
+        "/plain%5crecorded",
+        "/plain\\..\\recorded",
     ],
 )
 def test_dot_segments_cannot_smuggle_a_request_to_another_product(world: World, path: str) -> None:

@@ -191,3 +191,43 @@ def test_serialise_keeps_undecodable_header_bytes_as_sent() -> None:
     raw = serialise("GET", "/x", "h", {"X-Name": value}, b"")
     assert b"X-Name: caf\xe9\r\n" in raw
     assert b"Content-Length" not in raw  # a GET without a body has none
+
+
+async def test_interim_1xx_responses_are_skipped_for_the_final_one(pool: UpstreamPool) -> None:
+    hints = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"final":1}'
+    )
+    async with RawUpstream(lambda _r: hints) as up:
+        answer = await pool.request("127.0.0.1", up.port, request())
+        again = await pool.request("127.0.0.1", up.port, request())
+    assert (answer.status, answer.body) == (200, b'{"final":1}')
+    assert [k for k, _ in answer.headers] == ["Content-Length"]  # nothing of the 1xx leaks in
+    assert (again.status, again.body) == (200, b'{"final":1}')
+    assert up.connections == 1
+
+
+async def test_a_second_unrequested_response_poisons_the_connection(pool: UpstreamPool) -> None:
+    # An upstream that answers twice: the extra answer must never reach the next caller.
+    twice = (
+        b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"n":"a"}'
+        b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"n":"someone"}'
+    )
+    async with RawUpstream(lambda _r: twice) as up:
+        first = await pool.request("127.0.0.1", up.port, request())
+        await asyncio.sleep(0.05)
+        second = await pool.request("127.0.0.1", up.port, request())
+    assert first.body == b'{"n":"a"}' == second.body  # each caller got the first answer to its own request
+    assert up.connections == 2  # the connection that carried the extra answer was dropped
+
+
+async def test_endless_response_headers_fail_instead_of_filling_memory(pool: UpstreamPool) -> None:
+    many = (
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 1000) for i in range(500))
+        + b"\r\n"
+    )
+    async with RawUpstream(lambda _r: many) as up:
+        with pytest.raises(UpstreamError, match="headers are too many or too large"):
+            await pool.request("127.0.0.1", up.port, request())

@@ -33,7 +33,7 @@ from twofold.errors import JWSError, TwofoldError
 from twofold.gateway.metrics import Metrics
 from twofold.gateway.sandbox import SANDBOXES, Forwarded
 from twofold.gateway.snapshot import ClientCert, Product, Snapshot, load_snapshot
-from twofold.gateway.upstream import UpstreamError, UpstreamPool, serialise
+from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, serialise
 from twofold.registry.db import is_sqlite, normalise_url
 from twofold.registry.service import Registry
 from twofold.tls import server_context
@@ -60,6 +60,37 @@ _HOP_BY_HOP = frozenset(
         "expect",
     }
 )
+# Headers an upstream may trust for identity: only the gateway sets them.
+_TRUST_HEADERS = frozenset(
+    {
+        "x-request-id",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "client-cert",
+        "client-cert-chain",
+        "x-forwarded-client-cert",
+        "x-ssl-client-cert",
+        "x-client-cert",
+        "ssl-client-cert",
+    }
+)
+
+
+def _forwardable(name: str) -> bool:
+    """A client header the upstream may see. Names with '_' are dropped (as nginx does):
+    CGI-style upstreams read ``X_Twofold_Organisation`` as the gateway's own header."""
+    lower = name.lower()
+    return (
+        "_" not in lower
+        and lower not in _HOP_BY_HOP
+        and lower not in _TRUST_HEADERS
+        and not lower.startswith(("x-twofold-", "x-ssl-", "x-client-"))
+    )
+
+
 _RESPONSE_HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -226,7 +257,9 @@ class Gateway:
     async def start(self) -> None:
         await self.refresh()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30), auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # shared by every organisation: never keep cookies
         )
         self._tasks.append(asyncio.create_task(self.watch()))
         if not is_sqlite(self.registry.url):
@@ -314,13 +347,7 @@ class Gateway:
         assert snapshot is not None
         client = self._identify(request, env, snapshot)
         outcome.org, outcome.fingerprint = client.org, client.fingerprint
-        if any(segment in (".", "..") for segment in request.path.split("/")):
-            # Matched as one product, normalised by the upstream into another: refuse.
-            raise GatewayError(
-                "the path contains '.' or '..' segments (also percent-encoded); send the normalised path",
-                code="path_invalid",
-                status=400,
-            )
+        _check_path(request.path, request.rel_url.raw_path)
         product = snapshot.product_for(request.path)
         if product is None:
             raise GatewayError(
@@ -466,13 +493,9 @@ class Gateway:
     def _upstream_headers(
         request: web.BaseRequest, client: ClientCert, env: str, signature_fp: str | None, content_type: str
     ) -> dict[str, str]:
-        headers = {
-            name: value
-            for name, value in request.headers.items()
-            if name.lower() not in _HOP_BY_HOP
-            and not name.lower().startswith("x-twofold-")
-            and name.lower() != "x-request-id"
-        }
+        headers = {name: value for name, value in request.headers.items() if _forwardable(name)}
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = "https"
         sent_id = request.headers.get("X-Request-Id", "")
         if sent_id and len(sent_id) <= 128 and sent_id.isprintable():
             headers["X-Request-Id"] = sent_id
@@ -523,7 +546,7 @@ class Gateway:
                         data=forwarded.body or None,
                         allow_redirects=False,
                     ) as upstream:
-                        content = await upstream.read()
+                        content = await _read_limited(upstream)
                         status, upstream_headers = upstream.status, list(upstream.headers.items())
         except TimeoutError:
             raise GatewayError(
@@ -543,6 +566,18 @@ class Gateway:
         if status >= 500:
             outcome.code = f"upstream_{status}"
         return web.Response(status=status, body=content, headers=headers)
+
+
+async def _read_limited(upstream: aiohttp.ClientResponse) -> bytes:
+    if (upstream.content_length or 0) > MAX_RESPONSE:
+        raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
+    chunks, size = [], 0
+    async for chunk in upstream.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_RESPONSE:
+            raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -570,6 +605,30 @@ class _Target:
             host_header,
             url.raw_path.rstrip("/"),
             url.scheme == "http",
+        )
+
+
+_ENCODED_SEPARATORS = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+
+
+def _check_path(path: str, raw_path: str) -> None:
+    """Refuse paths that the gateway would match as one product while an upstream normalises
+    them into another (``/bank//payments``, ``/bank/payments;x``, ``/a/%2e%2e/b``, ``%2F`` …):
+    the product decides whether a signature is required, so the path must be unambiguous."""
+    segments = path.split("/")[1:]
+    if (
+        any(segment in (".", "..") for segment in segments)
+        or "" in segments[:-1]  # an empty segment: '//' (a trailing '/' is fine)
+        or ";" in path
+        or "\\" in path
+        or "\x00" in path
+        or _ENCODED_SEPARATORS.search(raw_path)
+    ):
+        raise GatewayError(
+            "the path is not in normal form (it has '.', '..' or empty segments, ';' parameters, "
+            "backslashes or encoded slashes); send the normalised path",
+            code="path_invalid",
+            status=400,
         )
 
 

@@ -50,7 +50,10 @@ class Product:
     algorithms: tuple[str, ...]
 
     def matches(self, path: str) -> bool:
-        return path == self.prefix or path.startswith(self.prefix + "/") or self.prefix == "/"
+        """Case-insensitively: an upstream that ignores case must not see ``/Payments`` as
+        anything but the payments product."""
+        path, prefix = path.lower(), self.prefix.lower()
+        return path == prefix or path.startswith(prefix + "/") or prefix == "/"
 
 
 @dataclass(frozen=True)

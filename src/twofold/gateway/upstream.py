@@ -19,6 +19,8 @@ from typing import cast
 import httptools
 
 MAX_RESPONSE = 16 * 1024 * 1024
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
 IDLE_SECONDS = 4.0  # below common upstream keep-alive timeouts (nginx 75 s, many apps 5 s)
 MAX_IDLE_PER_HOST = 64
 
@@ -46,9 +48,11 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._size = 0
+        self._header_bytes = 0
         self._complete = False
         self._headers_done = False
         self._keep_alive = False
+        self._interim = False  # a 1xx response (103 Early Hints …): the real one follows
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,9 +76,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._headers_done and self._delimited_by_close():  # HTTP/1.0 style: the body ends at EOF
             self._complete = True
-            waiter.set_result(
-                UpstreamResponse(self._parser.get_status_code(), self._headers, b"".join(self._body))
-            )
+            waiter.set_result(self._response())
             return
         waiter.set_exception(UpstreamError("the upstream closed the connection"))
 
@@ -83,11 +85,23 @@ class _Connection(asyncio.Protocol):
         return "content-length" not in names and "transfer-encoding" not in names
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._complete or self._waiter is None or self._waiter.done():
+            # More bytes than one response: whatever they are, they must never become the
+            # answer to another organisation's request on this pooled connection.
+            self._fail(UpstreamError("the upstream sent more than one response to one request"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if len(self._headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+            self._fail(UpstreamError("the upstream's response headers are too many or too large"))
+            return
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
+        status = self._parser.get_status_code()
+        self._interim = 100 <= status < 200 and status != 101
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -97,21 +111,28 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:  # drop it and wait for the final response on this connection
+            self._reset()
+            return
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()  # only meaningful inside this callback
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(
-                UpstreamResponse(self._parser.get_status_code(), self._headers, b"".join(self._body))
-            )
+            waiter.set_result(self._response())
+
+    def _response(self) -> UpstreamResponse:
+        return UpstreamResponse(self._parser.get_status_code(), list(self._headers), b"".join(self._body))
+
+    def _reset(self) -> None:
+        self._headers, self._body, self._size, self._header_bytes = [], [], 0, 0
+        self._complete = self._headers_done = self._keep_alive = self._interim = False
 
     # use
     async def exchange(self, request: bytes) -> UpstreamResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        self._headers, self._body, self._size = [], [], 0
-        self._complete = self._headers_done = self._keep_alive = False
+        self._reset()
         self.transport.write(request)
         try:
             return await self._waiter
