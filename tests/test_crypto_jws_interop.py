@@ -461,7 +461,8 @@ def test_duplicate_header_names_are_refused(
         (b'{"alg":"RS256"', "jws_malformed"),
         (b'{"alg":"RS256"} x', "jws_malformed"),
         (b"\xff\xfe{}", "jws_malformed"),
-        (b'{"alg":"RS256","x":' + b"[" * 5000 + b"]" * 5000 + b"}", "jws_malformed"),
+        # deeper than CPython's recursion limit, yet under the header size cap
+        (b'{"alg":"RS256","x":' + b"[" * 1200 + b"]" * 1200 + b"}", "jws_malformed"),
         (b"{}", "jws_header_invalid"),
         (b'{"alg":["RS256"]}', "jws_header_invalid"),
         (b'{"alg":null}', "jws_header_invalid"),
@@ -491,6 +492,29 @@ def test_header_that_is_not_a_json_object_with_alg_is_refused(
     assert refused(victim, token).code == code
     with pytest.raises(JWSError):
         jws.unverified_header(token)
+
+
+def test_an_oversized_header_is_refused_before_it_is_parsed(
+    rsa_key: rsa.RSAPrivateKey, victim: jws.Verifier
+) -> None:
+    token = forge(b'{"alg":"RS256","pad":"' + b"x" * 5000 + b'"}', BODY_BYTES, rsa_key)
+    error = refused(victim, token)
+    assert error.code == "jws_header_invalid"
+    assert "4096" in error.message
+
+
+def test_refused_tokens_do_not_fill_the_header_cache(rsa_key: rsa.RSAPrivateKey) -> None:
+    """Each distinct header is parsed once and cached — but only after a signature verified
+    with it, so a client sending endless distinct headers with bad signatures grows nothing."""
+    verifier = jws.Verifier([rsa_key.public_key()])
+    for i in range(300):
+        token = forge(b'{"alg":"RS256","n":%d}' % i, BODY_BYTES, rsa_key)
+        header, payload, _signature = token.split(".")
+        assert refused(verifier, f"{header}.{payload}.{'A' * 342}").code == "jws_signature_invalid"
+    assert len(verifier._prepared) == 0
+    good = jws.sign(BODY_BYTES, rsa_key)
+    assert verifier.verify(good).payload == BODY_BYTES
+    assert len(verifier._prepared) == 1
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from twofold.errors import JWSError
 
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256",)
 DEFAULT_MAX_SIZE = 1024 * 1024
+MAX_HEADER = 4096  # base64url bytes of the protected header; real ones are under 300
 MIN_RSA_BITS = 2048
 
 _HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
@@ -359,9 +360,16 @@ class Verifier:
         self._prepared: dict[bytes, _Prepared] = {}
 
     def _prepare(self, segment: bytes) -> _Prepared:
+        """The parsed and checked header with its candidate keys. Cached by :meth:`verify`
+        only once a signature verified with it: refused tokens cannot fill the cache."""
         prepared = self._prepared.get(segment)
         if prepared is not None:
             return prepared
+        if len(segment) > MAX_HEADER:
+            raise JWSError(
+                f"the JWS header is {len(segment)} bytes; headers over {MAX_HEADER} are refused",
+                code="jws_header_invalid",
+            )
         header = parse_header(segment.decode("ascii"))
         self._check_policy(header)
         alg = header["alg"]
@@ -375,11 +383,13 @@ class Verifier:
                 named.append((fn, vk))
             else:
                 others.append((fn, vk))
-        prepared = _Prepared(header, alg, tuple(named + others))
-        if len(self._prepared) >= self._HEADER_CACHE_SIZE:
-            self._prepared.clear()
-        self._prepared[segment] = prepared
-        return prepared
+        return _Prepared(header, alg, tuple(named + others))
+
+    def _remember(self, segment: bytes, prepared: _Prepared) -> None:
+        if segment not in self._prepared:
+            if len(self._prepared) >= self._HEADER_CACHE_SIZE:
+                self._prepared.clear()
+            self._prepared[segment] = prepared
 
     def _check_policy(self, header: dict[str, Any]) -> None:
         alg = header["alg"]
@@ -448,6 +458,7 @@ class Verifier:
             data = token[: len(token) - len(signature_seg) - 1]
         for fn, vk in prepared.attempts:
             if fn(signature, data):
+                self._remember(header_seg, prepared)
                 return Verified(payload, dict(prepared.header), prepared.alg, vk)
         if not prepared.attempts:
             raise JWSError(
