@@ -628,6 +628,33 @@ def test_password_checks_do_not_block_the_event_loop(
     assert "twofold-portal" not in threads, "argon2 ran on the portal's event-loop thread"
 
 
+async def test_concurrent_sign_in_attempts_cannot_outrun_the_rate_limit(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Attempts are counted before the (slow) password check: 60 at once get at most 5 checks
+    for one account, and even the right password among them does not get in once the limit
+    is reached."""
+    import asyncio
+
+    with PortalServer(tmp_path_factory.mktemp("portal-limit") / "registry.db") as own:
+        own.add_org("alpha")
+        own.add_user("target@alpha.test", org="alpha", roles="developer")
+        async with httpx.AsyncClient(base_url=own.url, verify=own.client_verify(), timeout=60) as client:
+
+            async def attempt(password: str) -> int:
+                response = await client.post(
+                    "/login", data={"email": "target@alpha.test", "password": password}
+                )
+                return response.status_code
+
+            statuses = await asyncio.gather(
+                *(attempt(f"wrong password {i}") for i in range(59)), attempt(PASSWORD)
+            )
+    assert statuses.count(401) + statuses.count(303) <= 5, statuses
+    assert statuses.count(429) >= 55
+    assert statuses[-1] in (429, 303)  # the right password got in only if it was among the first five
+
+
 # --- bad uploads -------------------------------------------------------------------------------
 
 

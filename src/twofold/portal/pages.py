@@ -135,7 +135,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = _safe_next(str(form.get("next", "")))
     limiter = request.app[LIMITER]
     address = client_address(request)
-    wait = limiter.retry_after(address, email)
+    wait = limiter.begin(address, email)
     context = {"next": next_url, "email": email}
     if wait:
         error = RegistryError(
@@ -147,7 +147,6 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         who = await _registry(request).authenticate(email, password)
     except TwofoldError as error:
-        limiter.failed(address, email)
         return await render(request, "login.html", context, status=401, error=error)
     limiter.succeeded(address, email)
     cookie, _csrf = await _registry(request).create_session(who)

@@ -83,37 +83,52 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 
 
 class LoginLimiter:
-    """At most ``attempts`` failed sign-ins per (client address, email) per ``window`` seconds,
-    and per client address overall (×4), so guessing is slow and spraying is too."""
+    """At most ``attempts`` sign-in attempts per (client address, email) per ``window`` seconds,
+    and per client address overall (×4), so guessing is slow and spraying is too.
+
+    An attempt is counted *before* the password is checked (and taken back if it succeeds):
+    concurrent attempts cannot all slip past the check while the slow argon2 checks run."""
+
+    MAX_KEYS = 10_000
 
     def __init__(self, attempts: int = 5, window: float = 300.0) -> None:
         self.attempts = attempts
         self.window = window
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._attempts: dict[tuple[str, str], deque[float]] = {}
 
     def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
-        times = self._failures.setdefault(key, deque())
+        times = self._attempts.setdefault(key, deque())
         while times and times[0] < now - self.window:
             times.popleft()
         return times
 
-    def retry_after(self, address: str, email: str) -> int:
+    def begin(self, address: str, email: str) -> int:
+        """Seconds to wait before trying again, or 0 — then the attempt is counted."""
         now = time.monotonic()
-        for key, limit in (((address, email.lower()), self.attempts), ((address, "*"), self.attempts * 4)):
+        keys = (((address, email.lower()), self.attempts), ((address, "*"), self.attempts * 4))
+        for key, limit in keys:
             times = self._recent(key, now)
             if len(times) >= limit:
                 return int(times[0] + self.window - now) + 1
+        for key, _limit in keys:
+            self._attempts[key].append(now)
+        if len(self._attempts) > self.MAX_KEYS:
+            self._evict(now)
         return 0
 
-    def failed(self, address: str, email: str) -> None:
-        now = time.monotonic()
-        for key in ((address, email.lower()), (address, "*")):
-            self._recent(key, now).append(now)
-        if len(self._failures) > 10_000:  # bounded memory under a flood of distinct keys
-            self._failures.clear()
-
     def succeeded(self, address: str, email: str) -> None:
-        self._failures.pop((address, email.lower()), None)
+        """A correct password: its attempts no longer count."""
+        self._attempts.pop((address, email.lower()), None)
+        overall = self._attempts.get((address, "*"))
+        if overall:
+            overall.pop()
+
+    def _evict(self, now: float) -> None:
+        """Bounded memory under a flood of distinct keys: drop expired keys, then the oldest."""
+        for key in [k for k, times in self._attempts.items() if not times or times[-1] < now - self.window]:
+            del self._attempts[key]
+        while len(self._attempts) > self.MAX_KEYS // 2:
+            del self._attempts[next(iter(self._attempts))]
 
 
 LIMITER = web.AppKey("limiter", LoginLimiter)
