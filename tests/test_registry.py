@@ -9,6 +9,7 @@ manage certificates; Developers manage projects; operators manage the platform.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -334,6 +335,56 @@ async def test_changing_a_password_ends_the_users_sessions(registry: Registry) -
     assert (await registry.authenticate(acme.security.name, PASSWORD)) == acme.security
 
 
+async def test_a_deactivated_user_loses_sessions_tokens_and_sign_in_at_once(registry: Registry) -> None:
+    acme = await make_org(registry, "acme")
+    email = acme.security.name
+    await registry.set_password(SYSTEM, email, PASSWORD)
+    cookie, _ = await registry.create_session(acme.security)
+    token = await registry.create_token(acme.security)
+
+    view = await registry.set_active(SYSTEM, email, active=False)
+
+    assert view["active"] is False
+    assert await registry.session_principal(cookie) is None
+    with pytest.raises(Unauthorized):
+        await registry.token_principal(token)
+    with pytest.raises(Unauthorized):
+        await registry.authenticate(email, PASSWORD)
+    await registry.set_active(SYSTEM, email, active=True)
+    assert (await registry.authenticate(email, PASSWORD)).name == email
+    with pytest.raises(Unauthorized):  # reactivation does not bring old tokens back
+        await registry.token_principal(token)
+
+
+async def test_only_operators_deactivate_users(registry: Registry) -> None:
+    acme = await make_org(registry, "acme")
+    with pytest.raises(Forbidden):
+        await registry.set_active(acme.security, acme.developer.name, active=False)
+
+
+async def test_an_operator_password_reset_revokes_tokens_but_ones_own_change_keeps_them(
+    registry: Registry,
+) -> None:
+    acme = await make_org(registry, "acme")
+    token = await registry.create_token(acme.security)
+    await registry.set_password(acme.security, acme.security.name, PASSWORD)
+    assert (await registry.token_principal(token)).name == acme.security.name
+    await registry.set_password(SYSTEM, acme.security.name, PASSWORD + "-reset")
+    with pytest.raises(Unauthorized):
+        await registry.token_principal(token)
+
+
+async def test_revoking_all_tokens_of_a_user(registry: Registry) -> None:
+    acme = await make_org(registry, "acme")
+    tokens = [await registry.create_token(acme.security, f"t{i}") for i in range(3)]
+    assert await registry.revoke_user_tokens(SYSTEM, acme.security.name) == 3
+    for token in tokens:
+        with pytest.raises(Unauthorized):
+            await registry.token_principal(token)
+    with pytest.raises(Forbidden):
+        await registry.revoke_user_tokens(acme.developer, acme.security.name)
+
+
 # --- schema and change counter ----------------------------------------------------------------------
 
 
@@ -482,3 +533,12 @@ async def test_the_registry_version_bumps_on_certificate_add_and_remove_only(reg
     await registry.list_certificates(acme.security)
     await registry.create_session(acme.developer)
     assert (await snapshot(registry)).version == snap.version  # reads and sign-ins are not registry changes
+
+
+def test_the_sqlite_database_is_private_to_its_owner(tmp_path: Path) -> None:
+    from twofold.registry.db import migrate
+
+    database = tmp_path / "fresh" / "twofold.db"
+    migrate(str(database))
+    assert database.stat().st_mode & 0o777 == 0o600
+    assert database.parent.stat().st_mode & 0o777 == 0o700

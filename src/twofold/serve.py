@@ -249,7 +249,8 @@ async def run(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
-    config.data.mkdir(parents=True, exist_ok=True)
+    if not config.data.exists():
+        config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
     registry = await Registry.open(config.db_url)
     try:

@@ -156,7 +156,7 @@ def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) ->
         out.print(f"{row['email']:<36} {row['organisation'] or '-':<16} {', '.join(row['role_labels'])}")
 
 
-@user.command("password", help="Set a user's password (ends their sessions).")
+@user.command("password", help="Set a user's password: ends their sessions and revokes their API tokens.")
 @click.option("--email", required=True)
 @click.option(
     "--password-file",
@@ -172,9 +172,33 @@ def user_password(email: str, password_file: str | None, data: str, db: str | No
         out.print(f"one-time password: {password}")
 
 
+@user.command("deactivate", help="Take access away: sessions end and API tokens are revoked at once.")
+@click.option("--email", required=True)
+@db_options
+def user_deactivate(email: str, data: str, db: str | None) -> None:
+    with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=False))
+    err.print(f"deactivated {email}: signed out everywhere, API tokens revoked")
+
+
+@user.command("activate", help="Give a deactivated user sign-in back (their old tokens stay revoked).")
+@click.option("--email", required=True)
+@db_options
+def user_activate(email: str, data: str, db: str | None) -> None:
+    with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=True))
+    err.print(f"activated {email}")
+
+
 @admin.group(help="Personal API tokens.")
 def token() -> None:
     pass
+
+
+@token.command("revoke", help="Revoke every API token of a user.")
+@click.option("--email", required=True)
+@db_options
+def token_revoke(email: str, data: str, db: str | None) -> None:
+    count = with_registry(data, db, lambda r: r.revoke_user_tokens(SYSTEM, email))
+    err.print(f"revoked {count} token(s) of {email}")
 
 
 @token.command(

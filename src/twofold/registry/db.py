@@ -88,11 +88,16 @@ def alembic_config(url: str) -> Config:
 
 def migrate(url: str) -> None:
     """Bring the database schema up to date (idempotent). Runs Alembic in this thread."""
+    database = None
     if is_sqlite(url):
         path = normalise_url(url).split(":///", 1)[1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            database = Path(path)
+            database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            database.touch(mode=0o600)  # before SQLite creates it world-readable (its -wal/-shm follow)
     command.upgrade(alembic_config(url), "head")
+    if database is not None:
+        database.chmod(0o600)  # password hashes, sessions, payment data
 
 
 async def migrate_async(url: str) -> None:

@@ -477,6 +477,9 @@ class Registry:
                 raise NotFound(f"no user {email}", code="user_not_found")
             user.password_hash = hashed
             await session.execute(delete(Session).where(Session.user_id == user.id))
+            revoked = 0
+            if email != actor.name:  # an operator's reset (a suspected compromise): tokens go too
+                revoked = await self._revoke_all_tokens(session, user.id)
             await audit.append(
                 session,
                 actor=actor.name,
@@ -484,9 +487,74 @@ class Registry:
                 object_type="user",
                 object_id=email,
                 org_id=user.org_id,
+                details={"tokens_revoked": revoked},
             )
 
         await self._tx(work)
+
+    @staticmethod
+    async def _revoke_all_tokens(session: AsyncSession, user_id: int) -> int:
+        result = await session.execute(
+            update(ApiToken)
+            .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def set_active(self, actor: Principal, email: str, *, active: bool) -> dict[str, Any]:
+        """Deactivate a user (operators): sessions end and API tokens are revoked at once;
+        sign-in is refused until reactivated. Reactivation restores sign-in, not tokens."""
+        self._need_operator(actor)
+        email = email.strip().lower()
+        if email == actor.name and not active:
+            raise RegistryError("operators cannot deactivate themselves", code="self_deactivation")
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            user = (await session.execute(select(User).where(User.email == email))).scalar()
+            if user is None:
+                raise NotFound(f"no user {email}", code="user_not_found")
+            user.active = active
+            revoked = 0
+            if not active:
+                await session.execute(delete(Session).where(Session.user_id == user.id))
+                revoked = await self._revoke_all_tokens(session, user.id)
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="user.activate" if active else "user.deactivate",
+                object_type="user",
+                object_id=email,
+                org_id=user.org_id,
+                details={"tokens_revoked": revoked},
+            )
+            slug = (await session.get(Organisation, user.org_id)).slug if user.org_id else None  # type: ignore[union-attr]
+            return user_view(user, slug)
+
+        return await self._tx(work)
+
+    async def revoke_user_tokens(self, actor: Principal, email: str) -> int:
+        """Revoke every API token of a user (operators, or the user themself)."""
+        email = email.strip().lower()
+        if email != actor.name:
+            self._need_operator(actor)
+
+        async def work(session: AsyncSession) -> int:
+            user = (await session.execute(select(User).where(User.email == email))).scalar()
+            if user is None:
+                raise NotFound(f"no user {email}", code="user_not_found")
+            revoked = await self._revoke_all_tokens(session, user.id)
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="token.revoke_all",
+                object_type="user",
+                object_id=email,
+                org_id=user.org_id,
+                details={"tokens_revoked": revoked},
+            )
+            return revoked
+
+        return await self._tx(work)
 
     async def set_roles(self, actor: Principal, email: str, roles: str | list[str]) -> dict[str, Any]:
         self._need_operator(actor)
