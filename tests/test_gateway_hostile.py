@@ -241,9 +241,15 @@ def _(m: Material, e2e: str) -> tuple[bytes, str]:
     return jose(hand_signed('{"alg":["RS256"]}', body_of(e2e), m.sign_key))
 
 
-@case("header-nested-thousands-deep", 400, "jws_malformed")
+@case("header-nested-thousands-deep", 400, "jws_header_invalid")  # over the header size cap
 def _(m: Material, e2e: str) -> tuple[bytes, str]:
     header = '{"alg":"RS256","x":' + "[" * 5000 + "]" * 5000 + "}"
+    return jose(hand_signed(header, body_of(e2e), m.sign_key))
+
+
+@case("header-nested-deeper-than-the-recursion-limit", 400, "jws_malformed")
+def _(m: Material, e2e: str) -> tuple[bytes, str]:
+    header = '{"alg":"RS256","x":' + "[" * 1200 + "]" * 1200 + "}"
     return jose(hand_signed(header, body_of(e2e), m.sign_key))
 
 

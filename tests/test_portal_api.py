@@ -1024,3 +1024,56 @@ def test_sign_in_keeps_a_local_next_page(server: PortalServer, redirect_user: st
         )
     assert response.status_code == 303
     assert response.headers["location"] == "/projects?x=1"
+
+
+def test_a_one_time_password_opens_only_the_change_password_page(server: PortalServer) -> None:
+    """Operators hand out generated passwords: the first sign-in leads to choosing one's own,
+    and nothing else is reachable until then."""
+    server.add_org("onetime")
+    server.call(
+        server.reg.add_user(
+            SYSTEM, "new@onetime.test", org="onetime", roles="api_security", password=PASSWORD, one_time=True
+        )
+    )
+    new_password = PASSWORD + " but mine"
+    with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
+        login = browser.post("/login", data={"email": "new@onetime.test", "password": PASSWORD})
+        assert login.status_code == 303
+        assert browser.get("/security").headers["location"] == "/account/password"
+        page = browser.get("/account/password")
+        assert page.status_code == 200
+        assert "one-time password" in page.text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert csrf is not None
+        form = {"csrf_token": csrf.group(1), "current_password": PASSWORD}
+        mismatch = browser.post(
+            "/account/password",
+            data={**form, "new_password": new_password, "confirm_password": new_password + "x"},
+        )
+        assert mismatch.status_code == 400
+        assert "password_mismatch" in mismatch.text
+        wrong = browser.post(
+            "/account/password",
+            data={
+                **form,
+                "current_password": "not it at all",
+                "new_password": new_password,
+                "confirm_password": new_password,
+            },
+        )
+        assert wrong.status_code == 400
+        changed = browser.post(
+            "/account/password", data={**form, "new_password": new_password, "confirm_password": new_password}
+        )
+        assert changed.status_code == 303
+        assert changed.headers["location"] == "/login"
+    with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
+        assert (
+            browser.post("/login", data={"email": "new@onetime.test", "password": PASSWORD}).status_code
+            == 401
+        )
+        assert (
+            browser.post("/login", data={"email": "new@onetime.test", "password": new_password}).status_code
+            == 303
+        )
+        assert browser.get("/security").status_code == 200  # no longer held at the password page

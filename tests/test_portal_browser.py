@@ -514,9 +514,18 @@ def test_operator_creates_an_organisation_and_a_user(portal: PortalServer, new_t
     expect(user_row).to_contain_text("globex")
     expect(user_row).to_contain_text("API Security, Developer")
 
-    # The new user can sign in with that password and lands on the Security page.
+    # The operator knows that password, so it is a one-time password: the new user's first
+    # sign-in leads to choosing their own, and then to the Security page.
     other = new_tab()
     assert sign_in(other, "hank@globex.test", password="a long enough password").status == 303
+    expect(other.page).to_have_url(re.compile(r"/account/password$"))
+    expect(other.page.locator("#one-time-note")).to_be_visible()
+    other.page.get_by_label("Current password").fill("a long enough password")
+    other.page.get_by_label("New password (10 or more characters)").fill("hank's very own secret")
+    other.page.get_by_label("New password again").fill("hank's very own secret")
+    other.page.get_by_role("button", name="Change password").click()
+    expect(other.page.get_by_role("status")).to_have_text("Password changed; sign in with the new one")
+    assert sign_in(other, "hank@globex.test", password="hank's very own secret").status == 303
     expect(other.page.get_by_role("button", name="Add Security")).to_be_visible()
 
     # A refusal shows a message, not a stack trace.

@@ -142,12 +142,11 @@ async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None
         announce("created the sandbox API products: " + ", ".join(p["path_prefix"] for p in DEFAULT_PRODUCTS))
     if not await registry.has_operator():
         password = new_password()
-        await registry.add_user(SYSTEM, OPERATOR_EMAIL, org=None, roles="operator", password=password)
-        announce(f"created the operator account {OPERATOR_EMAIL} with the one-time password: {password}")
-        announce(
-            "  (shown once — sign in to the portal and keep it, or set another with "
-            "`twofold admin user password`)"
+        await registry.add_user(
+            SYSTEM, OPERATOR_EMAIL, org=None, roles="operator", password=password, one_time=True
         )
+        announce(f"created the operator account {OPERATOR_EMAIL} with the one-time password: {password}")
+        announce("  (shown once — the portal asks you to choose your own password at the first sign-in)")
 
 
 def _settle_heap() -> None:

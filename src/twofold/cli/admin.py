@@ -130,7 +130,11 @@ def user_add(
     generated = None if password_file else new_password()
     password = read_passphrase_file(password_file).decode() if password_file else generated
     row = with_registry(
-        data, db, lambda r: r.add_user(SYSTEM, email, org=org_slug, roles=list(roles), password=password)
+        data,
+        db,
+        lambda r: r.add_user(
+            SYSTEM, email, org=org_slug, roles=list(roles), password=password, one_time=generated is not None
+        ),
     )
     if as_json:
         print_json({**row, "one_time_password": generated} if generated else row)
@@ -166,7 +170,7 @@ def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) ->
 @db_options
 def user_password(email: str, password_file: str | None, data: str, db: str | None) -> None:
     password = read_passphrase_file(password_file).decode() if password_file else new_password()
-    with_registry(data, db, lambda r: r.set_password(SYSTEM, email, password))
+    with_registry(data, db, lambda r: r.set_password(SYSTEM, email, password, one_time=not password_file))
     err.print(f"password of {email} changed")
     if not password_file:
         out.print(f"one-time password: {password}")

@@ -33,10 +33,15 @@ def _registry(request: web.Request) -> Registry:
     return request.app[REGISTRY]
 
 
-def _signed_in(request: web.Request) -> Principal:
+PASSWORD_PAGE = "/account/password"
+
+
+def _signed_in(request: web.Request, *, allow_one_time: bool = False) -> Principal:
     who = principal(request)
     if who is None:
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
+    if who.must_change_password and not allow_one_time:
+        raise web.HTTPSeeOther(PASSWORD_PAGE)  # a one-time password opens this page only
     return who
 
 
@@ -330,6 +335,45 @@ async def delete_project(request: web.Request) -> web.StreamResponse:
     raise _redirect(request, "/projects", "Project deleted")
 
 
+# --- account ---------------------------------------------------------------------------------------
+
+
+async def _password_page(
+    request: web.Request, *, status: int = 200, error: TwofoldError | None = None
+) -> web.Response:
+    who = _signed_in(request, allow_one_time=True)
+    return await render(
+        request, "password.html", {"one_time": who.must_change_password}, status=status, error=error
+    )
+
+
+@routes.get(PASSWORD_PAGE)
+async def password_page(request: web.Request) -> web.Response:
+    return await _password_page(request)
+
+
+@routes.post(PASSWORD_PAGE)
+async def change_password(request: web.Request) -> web.StreamResponse:
+    who = _signed_in(request, allow_one_time=True)
+    form = await _form(request)
+    new, confirm = str(form.get("new_password", "")), str(form.get("confirm_password", ""))
+    try:
+        if new != confirm:
+            raise RegistryError(
+                "the two new passwords differ; type the same one twice", code="password_mismatch"
+            )
+        await _registry(request).change_own_password(who, str(form.get("current_password", "")), new)
+    except TwofoldError as error:
+        status = (
+            400 if error.status == 401 else error_status(error)
+        )  # a wrong current password is a form error
+        return await _password_page(request, status=status, error=error)
+    # set_password ended every session, this one included: sign in again with the new password.
+    response = _redirect(request, "/login", "Password changed; sign in with the new one")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
 # --- API tokens ------------------------------------------------------------------------------------
 
 
@@ -425,6 +469,7 @@ async def admin_add_user(request: web.Request) -> web.StreamResponse:
             org=str(form.get("organisation", "")) or None,
             roles=roles,
             password=str(form.get("password", "")) or None,
+            one_time=True,  # the operator knows it: the user chooses their own at first sign-in
         )
     except TwofoldError as error:
         return await _admin(request, "admin_users.html", status=error_status(error), error=error)

@@ -30,6 +30,7 @@ class Principal:
     org_id: int | None = None
     org_slug: str | None = None
     roles: frozenset[str] = frozenset()
+    must_change_password: bool = False  # signed in with a one-time password
 
     @property
     def is_operator(self) -> bool:

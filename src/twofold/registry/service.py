@@ -227,7 +227,12 @@ class Registry:
                 await session.execute(select(Organisation.slug).where(Organisation.id == user.org_id))
             ).scalar()
         return Principal(
-            user.email, user.id, user.org_id, slug, frozenset(r for r in user.roles.split(",") if r)
+            user.email,
+            user.id,
+            user.org_id,
+            slug,
+            frozenset(r for r in user.roles.split(",") if r),
+            bool(user.must_change_password),
         )
 
     async def authenticate(self, email: str, password: str) -> Principal:
@@ -418,8 +423,17 @@ class Registry:
         return org
 
     async def add_user(
-        self, actor: Principal, email: str, *, org: str | None, roles: str | list[str], password: str | None
+        self,
+        actor: Principal,
+        email: str,
+        *,
+        org: str | None,
+        roles: str | list[str],
+        password: str | None,
+        one_time: bool = False,
     ) -> dict[str, Any]:
+        """``one_time``: the password was generated and shown once; the portal asks for a new
+        one at first sign-in."""
         self._need_operator(actor)
         email = email.strip().lower()
         if not EMAIL.match(email):
@@ -446,6 +460,7 @@ class Registry:
                 roles=",".join(sorted(role_set)),
                 password_hash=hashed,
                 active=True,
+                must_change_password=one_time and password is not None,
             )
             session.add(user)
             await session.flush()
@@ -462,7 +477,9 @@ class Registry:
 
         return await self._tx(work)
 
-    async def set_password(self, actor: Principal, email: str, password: str) -> None:
+    async def set_password(
+        self, actor: Principal, email: str, password: str, *, one_time: bool = False
+    ) -> None:
         email = email.strip().lower()
         if email != actor.name:
             self._need_operator(actor)
@@ -476,6 +493,7 @@ class Registry:
             if user is None:
                 raise NotFound(f"no user {email}", code="user_not_found")
             user.password_hash = hashed
+            user.must_change_password = one_time
             await session.execute(delete(Session).where(Session.user_id == user.id))
             revoked = 0
             if email != actor.name:  # an operator's reset (a suspected compromise): tokens go too
@@ -491,6 +509,15 @@ class Registry:
             )
 
         await self._tx(work)
+
+    async def change_own_password(self, actor: Principal, current: str, new: str) -> None:
+        """A signed-in user replaces their password (the current one is asked again)."""
+        if actor.user_id is None:
+            raise Forbidden("this account has no password")
+        await self.authenticate(actor.name, current)  # Unauthorized if wrong
+        if new == current:
+            raise RegistryError("choose a password different from the current one", code="password_unchanged")
+        await self.set_password(actor, actor.name, new)
 
     @staticmethod
     async def _revoke_all_tokens(session: AsyncSession, user_id: int) -> int:
