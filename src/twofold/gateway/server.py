@@ -744,7 +744,13 @@ async def serve_environment(
 
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        factory, host, port, ssl=gateway.listening_context(env), reuse_port=reuse_port or None, backlog=1024
+        factory,
+        host,
+        port,
+        ssl=gateway.listening_context(env),
+        reuse_port=reuse_port or None,
+        backlog=1024,
+        ssl_handshake_timeout=10,
     )
     return runner, server
 
