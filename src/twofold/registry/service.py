@@ -296,9 +296,7 @@ class Registry:
             email = (for_email or actor.name).strip().lower()
             if email != actor.name and not actor.is_operator:
                 raise Forbidden("only operators may create tokens for other users")
-            user = (await session.execute(select(User).where(User.email == email))).scalar()
-            if user is None:
-                raise NotFound(f"no user {email}", code="user_not_found")
+            user = await self._user_by_email(session, email)
             session.add(
                 ApiToken(
                     user_id=user.id,
@@ -414,6 +412,13 @@ class Registry:
                 for o in (await session.execute(query)).scalars()
             ]
 
+    @staticmethod
+    async def _user_by_email(session: AsyncSession, email: str) -> User:
+        user = (await session.execute(select(User).where(User.email == email.strip().lower()))).scalar()
+        if user is None:
+            raise NotFound(f"no user {email}", code="user_not_found")
+        return user
+
     async def _org_by_slug(self, session: AsyncSession, slug: str) -> Organisation:
         org = (
             await session.execute(select(Organisation).where(Organisation.slug == slug.strip().lower()))
@@ -489,9 +494,7 @@ class Registry:
         hashed = await asyncio.to_thread(hash_password, password)
 
         async def work(session: AsyncSession) -> None:
-            user = (await session.execute(select(User).where(User.email == email))).scalar()
-            if user is None:
-                raise NotFound(f"no user {email}", code="user_not_found")
+            user = await self._user_by_email(session, email)
             user.password_hash = hashed
             user.must_change_password = one_time
             await session.execute(delete(Session).where(Session.user_id == user.id))
@@ -537,9 +540,7 @@ class Registry:
             raise RegistryError("operators cannot deactivate themselves", code="self_deactivation")
 
         async def work(session: AsyncSession) -> dict[str, Any]:
-            user = (await session.execute(select(User).where(User.email == email))).scalar()
-            if user is None:
-                raise NotFound(f"no user {email}", code="user_not_found")
+            user = await self._user_by_email(session, email)
             user.active = active
             revoked = 0
             if not active:
@@ -566,9 +567,7 @@ class Registry:
             self._need_operator(actor)
 
         async def work(session: AsyncSession) -> int:
-            user = (await session.execute(select(User).where(User.email == email))).scalar()
-            if user is None:
-                raise NotFound(f"no user {email}", code="user_not_found")
+            user = await self._user_by_email(session, email)
             revoked = await self._revoke_all_tokens(session, user.id)
             await audit.append(
                 session,
@@ -588,9 +587,7 @@ class Registry:
         role_set = parse_roles(roles)
 
         async def work(session: AsyncSession) -> dict[str, Any]:
-            user = (await session.execute(select(User).where(User.email == email.strip().lower()))).scalar()
-            if user is None:
-                raise NotFound(f"no user {email}", code="user_not_found")
+            user = await self._user_by_email(session, email)
             if (OPERATOR in role_set) != (user.org_id is None):
                 raise RegistryError(
                     "operators have no organisation; organisation users cannot be operators",
