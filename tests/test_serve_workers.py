@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,24 +80,40 @@ async def _remove(db: Path, fingerprint: str) -> None:
         await registry.close()
 
 
+def _free_port_pair() -> int:
+    """A port P with P + 1 free too: the extra worker's admin listener takes admin port + 1."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("workers")
     data = work / "data"
-    gateway, prod, portal, admin = free_port(), free_port(), free_port(), free_port()
+    gateway, prod, portal, admin = free_port(), free_port(), free_port(), _free_port_pair()
     config = work / "twofold.toml"
     config.write_text(
         f"workers = 2\nportal_port = {portal}\nadmin_port = {admin}\n[ports]\ncat = {gateway}\nprod = {prod}\n"
     )
+    log = work / "serve.log"
     process = subprocess.Popen(
         [TWOFOLD, "serve", "--data", str(data), "--config", str(config), "--no-access-log"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log.open("wb"),
         start_new_session=True,
     )
     try:
 
         def ready(port: int) -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"twofold serve exited ({process.returncode}):\n{log.read_text()}")
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:

@@ -230,7 +230,18 @@ class _GatewayProcess:
         listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
         admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
         await admin.setup()
-        await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
+        try:
+            await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
+        except OSError as exc:
+            if index == 0:
+                raise
+            # An extra worker still serves traffic without its own metrics listener.
+            log.warning(
+                "gateway process %d: admin port %d unavailable (%s); no metrics from this process",
+                index,
+                config.admin_port + index,
+                exc.strerror,
+            )
         return cls(gateway, listeners, admin)
 
     async def stop(self) -> None:

@@ -41,10 +41,8 @@ class Metrics:
             "Registry version of the gateway's snapshot",
             registry=self.registry,
         )
-        self.snapshot_age = Gauge(
-            "twofold_snapshot_reloads",
-            "Snapshot reloads since start",
-            registry=self.registry,
+        self.snapshot_reloads = Counter(
+            "twofold_snapshot_reloads", "Registry snapshots loaded since start", registry=self.registry
         )
 
     def render(self) -> bytes:

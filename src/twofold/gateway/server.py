@@ -177,7 +177,7 @@ class Gateway:
             self.metrics.expiring.labels(env).set(snapshot.expiring(env, dt.timedelta(days=30)))
         self.snapshot = snapshot
         self.metrics.registry_version.set(snapshot.version)
-        self.metrics.snapshot_age.inc()
+        self.metrics.snapshot_reloads.inc()
         self._last_poll = time.monotonic()
         return snapshot
 

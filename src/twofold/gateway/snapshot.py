@@ -49,11 +49,11 @@ class Product:
     content_types: frozenset[str]
     algorithms: tuple[str, ...]
 
-    def matches(self, path: str) -> bool:
-        """Case-insensitively: an upstream that ignores case must not see ``/Payments`` as
-        anything but the payments product."""
-        path, prefix = path.lower(), self.prefix.lower()
-        return path == prefix or path.startswith(prefix + "/") or prefix == "/"
+    def matches(self, lowered_path: str) -> bool:
+        """``lowered_path`` is the request path in lower case: matching ignores case, so that
+        an upstream that ignores case cannot see ``/Payments`` as anything but this product."""
+        prefix = self.prefix.lower()
+        return lowered_path == prefix or lowered_path.startswith(prefix + "/") or prefix == "/"
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ class Snapshot:
     expiries: dict[str, tuple[dt.datetime, ...]] = field(
         default_factory=dict
     )  # env → not_after of active certs
-    loaded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     _verifiers: dict[tuple[int, str, tuple[str, ...]], jws.Verifier] = field(default_factory=dict)
 
     def product_for(self, path: str) -> Product | None:
+        lowered = path.lower()
         for product in self.products:
-            if product.matches(path):
+            if product.matches(lowered):
                 return product
         return None
 

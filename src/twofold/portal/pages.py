@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -99,8 +99,6 @@ async def render(
 
 
 def _unquote(value: str) -> str:
-    from urllib.parse import unquote
-
     return unquote(value)[:300]
 
 
