@@ -71,20 +71,26 @@ class Tab:
         self.context = context
         self.server = server
         self.page = context.new_page()
-        self.problems: list[str] = []
-        self.page.on("pageerror", lambda exc: self.problems.append(f"pageerror: {exc}"))
+        self._problems: list[str] = []
+        self._expected: list[str] = []
+        self.page.on("pageerror", lambda exc: self._problems.append(f"pageerror: {exc}"))
         self.page.on(
             "console",
             lambda msg: (
-                self.problems.append(f"console {msg.type}: {msg.text} ({msg.location.get('url')})")
+                self._problems.append(f"console {msg.type}: {msg.text} ({msg.location.get('url')})")
                 if msg.type == "error"
                 else None
             ),
         )
 
     def expected_problem(self, pattern: str) -> None:
-        """Forget console errors the test provoked on purpose (e.g. a refused request)."""
-        self.problems = [p for p in self.problems if not re.search(pattern, p)]
+        """Console errors the test provokes on purpose (e.g. a refused request); they may be
+        logged after this call, so they are filtered when the problems are read."""
+        self._expected.append(pattern)
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for p in self._problems if not any(re.search(e, p) for e in self._expected)]
 
 
 @pytest.fixture
@@ -482,8 +488,8 @@ def test_another_site_cannot_sign_a_visitor_in(portal: PortalServer, new_tab: Ne
     with page.expect_response(lambda r: r.url.endswith("/login") and r.request.method == "POST") as info:
         page.get_by_role("button", name="win a prize").click()
     assert info.value.status == 403
-    tab.expected_problem(r"status of 403")
     expect(page.locator("main > .notice.err")).to_contain_text("sign in from the portal's own sign-in page")
+    tab.expected_problem(r"status of 403")
     assert not [c for c in tab.context.cookies() if c["name"] == "twofold_session"]
     # The portal's own form still works in the same browser.
     assert sign_in(tab, security).status == 303

@@ -22,6 +22,10 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        # SQLite's DDL is transactional, though Alembic assumes otherwise: with it, every
+        # migration of one upgrade runs in one transaction under the write lock taken at BEGIN
+        # IMMEDIATE, so a second process cannot read a half-upgraded version and run a step twice.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         context.run_migrations()
