@@ -612,7 +612,7 @@ def test_password_checks_do_not_block_the_event_loop(
 ) -> None:
     import threading
 
-    from twofold.registry import service
+    from twofold.registry import accounts as service
 
     threads: list[str] = []
     real = service.check_password

@@ -1,0 +1,231 @@
+"""The catalogue: environments and API products."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from twofold.crypto import certs as _certs
+from twofold.registry import audit
+from twofold.registry.auth import (
+    Principal,
+)
+from twofold.registry.base import RegistryBase, _slug
+from twofold.registry.models import (
+    ApiProduct,
+    Environment,
+)
+from twofold.registry.rules import (
+    Conflict,
+    NotFound,
+    RegistryError,
+)
+
+SIGNATURE_POLICIES = ("required", "optional", "none")
+DEFAULT_CONTENT_TYPES = ["application/json", "application/jose", "text/xml"]
+
+DEFAULT_ENVIRONMENTS = [
+    {"id": "cat", "name": "Client Testing", "allow_self_signed": True, "gateway_port": 8443, "position": 1},
+    {"id": "prod", "name": "Production", "allow_self_signed": False, "gateway_port": 9443, "position": 2},
+]
+
+
+def product_view(row: ApiProduct) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "path_prefix": row.path_prefix,
+        "upstream": row.upstream,
+        "signature": row.signature,
+        "content_types": list(row.content_types),
+        "algorithms": list(row.algorithms),
+    }
+
+
+def env_view(row: Environment) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "allow_self_signed": row.allow_self_signed,
+        "gateway_port": row.gateway_port,
+        "has_ca": bool(row.ca_pem),
+    }
+
+
+class CatalogueMixin(RegistryBase):
+    """Environments and API products (operators), and the defaults of a new registry."""
+
+    # --- bootstrap ------------------------------------------------------------------------
+
+    async def ensure_defaults(self) -> list[str]:
+        """Default environments if there are none; returns what was created."""
+
+        async def work(session: AsyncSession) -> list[str]:
+            existing = (await session.execute(select(func.count()).select_from(Environment))).scalar()
+            if existing:
+                return []
+            for env in DEFAULT_ENVIRONMENTS:
+                session.add(Environment(**env))
+            await audit.append(
+                session,
+                actor="system",
+                action="environment.defaults",
+                object_type="environment",
+                object_id="cat,prod",
+            )
+            await self._bump(session)
+            return [e["id"] for e in DEFAULT_ENVIRONMENTS]  # type: ignore[misc]
+
+        return await self._tx(work)
+
+    # --- environments and products ----------------------------------------------------------
+
+    async def list_environments(self) -> list[dict[str, Any]]:
+        async with self.sessions() as session:
+            rows = (
+                await session.execute(select(Environment).order_by(Environment.position, Environment.id))
+            ).scalars()
+            return [env_view(e) for e in rows]
+
+    async def environment(self, env_id: str) -> dict[str, Any]:
+        async with self.sessions() as session:
+            env = await session.get(Environment, env_id)
+            if env is None:
+                raise NotFound(f"no environment {env_id!r}", code="environment_not_found")
+            return env_view(env)
+
+    async def save_environment(
+        self,
+        actor: Principal,
+        env_id: str,
+        *,
+        name: str | None = None,
+        allow_self_signed: bool | None = None,
+        ca_pem: str | None = None,
+        gateway_port: int | None = None,
+    ) -> dict[str, Any]:
+        self._need_operator(actor)
+        env_id = _slug(env_id, "the environment id")
+        if ca_pem:
+            try:
+                cas = _certs.load_certificates(ca_pem.encode(), name="the CA file")
+            except RegistryError:
+                raise
+            except Exception as exc:
+                raise RegistryError(
+                    f"the CA file is not PEM certificates: {exc}", code="ca_invalid"
+                ) from None
+            ca_pem = "".join(_certs.certificate_pem(c).decode() for c in cas)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            env = await session.get(Environment, env_id)
+            created = env is None
+            if env is None:
+                position = (await session.execute(select(func.max(Environment.position)))).scalar() or 0
+                env = Environment(
+                    id=env_id,
+                    name=name or env_id,
+                    allow_self_signed=bool(allow_self_signed),
+                    position=position + 1,
+                )
+                session.add(env)
+            if name is not None:
+                env.name = name
+            if allow_self_signed is not None:
+                env.allow_self_signed = allow_self_signed
+            if ca_pem is not None:
+                env.ca_pem = ca_pem or None
+            if gateway_port is not None:
+                env.gateway_port = gateway_port
+            await session.flush()
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="environment.create" if created else "environment.update",
+                object_type="environment",
+                object_id=env_id,
+                details={
+                    "name": env.name,
+                    "allow_self_signed": env.allow_self_signed,
+                    "has_ca": bool(env.ca_pem),
+                },
+            )
+            await self._bump(session)
+            return env_view(env)
+
+        return await self._tx(work)
+
+    async def list_products(self) -> list[dict[str, Any]]:
+        async with self.sessions() as session:
+            return [
+                product_view(p)
+                for p in (await session.execute(select(ApiProduct).order_by(ApiProduct.id))).scalars()
+            ]
+
+    async def save_product(
+        self,
+        actor: Principal,
+        product_id: str,
+        *,
+        name: str,
+        path_prefix: str,
+        upstream: str,
+        signature: str = "required",
+        content_types: list[str] | None = None,
+        algorithms: list[str] | None = None,
+    ) -> dict[str, Any]:
+        self._need_operator(actor)
+        product_id = _slug(product_id, "the product id")
+        if signature not in SIGNATURE_POLICIES:
+            raise RegistryError(
+                f"signature must be one of {', '.join(SIGNATURE_POLICIES)}", code="product_invalid"
+            )
+        if not path_prefix.startswith("/") or "//" in path_prefix or any(c in path_prefix for c in "?#* "):
+            raise RegistryError(
+                "the path prefix must be an absolute path such as /tsapi/v1/payments", code="product_invalid"
+            )
+        path_prefix = path_prefix.rstrip("/") or "/"
+        if not (upstream.startswith(("http://", "https://")) or upstream.startswith("sandbox:")):
+            raise RegistryError(
+                "the upstream must be an http(s):// URL or sandbox:<name>", code="product_invalid"
+            )
+        from twofold.crypto.jws import SUPPORTED_ALGORITHMS
+
+        algorithms = algorithms or ["RS256"]
+        bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS or a.startswith("HS")]
+        if bad:
+            raise RegistryError(f"unsupported signature algorithms: {', '.join(bad)}", code="product_invalid")
+        content_types = content_types or list(DEFAULT_CONTENT_TYPES)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            clash = (
+                await session.execute(
+                    select(ApiProduct).where(
+                        ApiProduct.path_prefix == path_prefix, ApiProduct.id != product_id
+                    )
+                )
+            ).scalar()
+            if clash:
+                raise Conflict(f"product {clash.id} already serves {path_prefix}", code="product_path_taken")
+            row = await session.get(ApiProduct, product_id)
+            created = row is None
+            if row is None:
+                row = ApiProduct(id=product_id)
+                session.add(row)
+            row.name, row.path_prefix, row.upstream, row.signature = name, path_prefix, upstream, signature
+            row.content_types, row.algorithms = content_types, algorithms
+            await session.flush()
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="product.create" if created else "product.update",
+                object_type="product",
+                object_id=product_id,
+                details=product_view(row),
+            )
+            await self._bump(session)
+            return product_view(row)
+
+        return await self._tx(work)
