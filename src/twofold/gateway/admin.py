@@ -1,0 +1,35 @@
+"""The admin listener: health, readiness and Prometheus metrics (bind it to loopback)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from twofold.gateway.core import Gateway
+
+
+def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
+    async def healthz(_request: web.BaseRequest) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.BaseRequest) -> web.Response:
+        ok = gateway.ready and (extra_ready() if extra_ready else True)
+        body: dict[str, Any] = {
+            "ready": ok,
+            "registry_version": gateway.snapshot.version if gateway.snapshot else None,
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics(_request: web.BaseRequest) -> web.Response:
+        return web.Response(
+            body=gateway.metrics.render(), headers={"Content-Type": gateway.metrics.content_type}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,78 @@
+"""The inputs of the gateway's pipeline, whatever carried the request to it.
+
+:class:`ConnectionFacts` is what is known about how a request arrived: the environment of
+the listener, the client's address and the client certificate — from this process's own
+TLS handshake (``via="tls"``), or, behind a TLS edge (nginx, HAProxy, Envoy), from the
+header the edge forwards it in. The pipeline never looks at a socket: the listener builds
+the facts (once per connection for direct TLS) and passes them in with each request.
+
+:class:`RequestHead` is the request line and headers as parsed, before the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFacts:
+    environment: str
+    client_address: str
+    certificate_der: bytes | None  # the client certificate, DER
+    fingerprint: str | None  # SHA-256 of certificate_der, hex
+    via: str = "tls"  # "tls": this listener's own handshake; otherwise the edge that sent it
+
+    @classmethod
+    def of(
+        cls, environment: str, client_address: str, certificate_der: bytes | None, via: str = "tls"
+    ) -> ConnectionFacts:
+        fingerprint = hashlib.sha256(certificate_der).hexdigest() if certificate_der else None
+        return cls(environment, client_address, certificate_der or None, fingerprint, via)
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    raw_path: str  # as sent (what a proxy forwards)
+    path: str  # percent-decoded (what products are matched against)
+    query: str  # as sent, without the '?'
+    headers: list[tuple[str, str]]  # in order, names as sent
+    content_type: str = ""  # the Content-Type header as sent, "" when absent
+    content_length: int | None = None  # declared, None when absent
+    chunked: bool = False
+
+    @classmethod
+    def parse_target(
+        cls, method: str, raw_path: str, query: str, headers: list[tuple[str, str]]
+    ) -> RequestHead:
+        """A head from the request target's path and query as sent."""
+        path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
+        content_type, length, chunked = "", None, False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-type":
+                content_type = value
+            elif lower == "content-length":
+                length = int(value) if value.isdigit() else None
+            elif lower == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        return cls(method, raw_path, path, query, headers, content_type, length, chunked)
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (case-insensitive name), None when absent."""
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return None
+
+    @property
+    def media_type(self) -> str:
+        """The Content-Type's media type, lower case, without parameters ("" when absent)."""
+        return self.content_type.split(";", 1)[0].strip().lower()
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)

@@ -1,0 +1,179 @@
+"""The pipeline's last step: hand the verified request to the product's upstream and relay
+its answer — the sandbox in process, plain-HTTP upstreams over the lean pooled client
+(:mod:`twofold.gateway.upstream`), HTTPS upstreams and HEAD requests over aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from twofold.gateway.pipeline import GatewayError, Outcome
+from twofold.gateway.sandbox import SANDBOXES, Forwarded
+from twofold.gateway.snapshot import Product
+from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, serialise
+from twofold.registry.service import Registry
+
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+
+@dataclass(slots=True)
+class Response:
+    """An answer to relay: the status, headers without framing (the server adds
+    Content-Length), and the whole body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def json_response(status: int, data: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    body = json.dumps(data).encode()
+    return Response(status, [("Content-Type", "application/json; charset=utf-8"), *(headers or ())], body)
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return json_response(status, {"error": {"code": code, "message": message}})
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed upstream URL (parsed once per product, not per request)."""
+
+    origin: str  # scheme://host:port
+    host: str
+    port: int
+    host_header: str
+    base_path: str
+    lean: bool  # plain HTTP: the pooled HTTP/1.1 client; HTTPS: aiohttp
+
+    @classmethod
+    def parse(cls, upstream: str) -> Target:
+        url = URL(upstream)
+        host = url.raw_host or "localhost"
+        port = url.port or (443 if url.scheme == "https" else 80)
+        default = port == (443 if url.scheme == "https" else 80)
+        host_header = (f"[{host}]" if ":" in host else host) + ("" if default else f":{port}")
+        return cls(
+            f"{url.scheme}://{host_header}",
+            host,
+            port,
+            host_header,
+            url.raw_path.rstrip("/"),
+            url.scheme == "http",
+        )
+
+
+class Forwarder:
+    def __init__(self, registry: Registry, timeout: float) -> None:
+        self.registry = registry
+        self.timeout = timeout
+        self.pool = UpstreamPool()  # plain-HTTP upstreams
+        self._session: aiohttp.ClientSession | None = None  # HTTPS upstreams, HEAD
+        self._targets: dict[str, Target] = {}
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # shared by every organisation: never keep cookies
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        self.pool.close()
+
+    async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
+        if product.upstream.startswith("sandbox:"):
+            return await self._sandbox(product, forwarded, outcome)
+        target = self._targets.get(product.upstream)
+        if target is None:
+            target = self._targets[product.upstream] = Target.parse(product.upstream)
+        path = target.base_path + forwarded.raw_path
+        if forwarded.query_string:
+            path = f"{path}?{forwarded.query_string}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                if target.lean and forwarded.method != "HEAD":
+                    request = serialise(
+                        forwarded.method, path, target.host_header, forwarded.headers, forwarded.body
+                    )
+                    answer = await self.pool.request(target.host, target.port, request)
+                    status, upstream_headers, content = answer.status, answer.headers, answer.body
+                else:
+                    status, upstream_headers, content = await self._aiohttp(target, path, forwarded)
+        except TimeoutError:
+            raise GatewayError(
+                f"the {product.name} API did not answer within {self.timeout:g} s",
+                code="upstream_timeout",
+                status=504,
+            ) from None
+        except (UpstreamError, aiohttp.ClientError) as exc:
+            raise GatewayError(
+                f"the {product.name} API is unavailable ({exc if isinstance(exc, UpstreamError) else type(exc).__name__})",
+                code="upstream_unavailable",
+                status=502,
+            ) from None
+        headers = [(k, v) for k, v in upstream_headers if k.lower() not in _RESPONSE_HOP_BY_HOP]
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            headers.append(("Content-Type", "application/json"))
+        if status >= 500:
+            outcome.code = f"upstream_{status}"
+        return Response(status, headers, content)
+
+    async def _sandbox(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
+        sandbox = SANDBOXES.get(product.upstream.split(":", 1)[1])
+        if sandbox is None:
+            raise GatewayError(
+                f"{product.id} points to an unknown sandbox", code="upstream_unavailable", status=502
+            )
+        status, data = await sandbox(self.registry, forwarded, forwarded.path[len(product.prefix) :])
+        if status >= 400 and isinstance(data, dict):
+            outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
+        return json_response(status, data, [("X-Request-Id", forwarded.headers["X-Request-Id"])])
+
+    async def _aiohttp(
+        self, target: Target, path: str, forwarded: Forwarded
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        assert self._session is not None
+        async with self._session.request(
+            forwarded.method,
+            URL(target.origin + path, encoded=True),
+            headers=forwarded.headers,
+            data=forwarded.body or None,
+            allow_redirects=False,
+        ) as upstream:
+            if (upstream.content_length or 0) > MAX_RESPONSE:
+                raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
+            chunks, size = [], 0
+            async for chunk in upstream.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > MAX_RESPONSE:
+                    raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
+                chunks.append(chunk)
+            return upstream.status, list(upstream.headers.items()), b"".join(chunks)
