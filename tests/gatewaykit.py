@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httptools
 import httpx
 from aiohttp import web
 from cryptography import x509
@@ -72,9 +73,13 @@ class Seen:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
+LARGE = 256 * 1024  # the size of the answers under /large
+
+
 class Upstream:
     """A plain-HTTP API on loopback that records every request it receives and answers
-    200 JSON; paths under ``/slow`` answer only after :data:`SLOW_SECONDS`."""
+    200 JSON; paths under ``/slow`` answer only after :data:`SLOW_SECONDS`, paths ending in
+    ``/large`` with :data:`LARGE` bytes (their query string first)."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
@@ -97,6 +102,9 @@ class Upstream:
                 self.seen.append(seen)
             if request.path.startswith("/slow"):
                 await asyncio.sleep(SLOW_SECONDS)
+            if request.path.endswith("/large"):
+                query = request.rel_url.raw_query_string.encode()
+                return web.Response(body=query + b" " * (LARGE - len(query)), content_type="text/plain")
             return web.json_response({"upstream": "recorder", "path": request.path, "received": len(body)})
 
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -497,11 +505,15 @@ def _seed(world: World) -> None:
 
 @contextlib.contextmanager
 def running_world(
-    base: Path, *, db: str | None = None, after_stop: Callable[[], None] | None = None
+    base: Path,
+    *,
+    db: str | None = None,
+    after_stop: Callable[[], None] | None = None,
+    **settings: Any,
 ) -> Iterator[World]:
     """`twofold.serve.run` on free ports, seeded; stopped and cleaned up afterwards.
     ``after_stop`` runs once `run` has returned, before its event loop is closed (which
-    would close whatever it left open)."""
+    would close whatever it left open); ``settings`` are more `ServeConfig` settings."""
     base.mkdir(parents=True, exist_ok=True)
     config = ServeConfig(
         data=base / "data",
@@ -512,6 +524,7 @@ def running_world(
         max_body=MAX_BODY,
         upstream_timeout=UPSTREAM_TIMEOUT,
         access_log=True,
+        **settings,
     )
     access = AccessLog()
     logger = logging.getLogger("twofold.access")
@@ -581,3 +594,120 @@ def running_world(
 def token_parts() -> str:
     """A random marker to look for in logs and upstream bodies."""
     return f"marker-{secrets.token_hex(8)}"
+
+
+# --- raw HTTP/1.1 over mTLS, for what real clients rarely do -----------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+class _AnswerParser:
+    def __init__(self) -> None:
+        self.done: list[Answer] = []
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done.append(Answer(self.parser.get_status_code(), self._headers, b"".join(self._body)))
+        self._headers, self._body = {}, []
+
+
+class RawClient:
+    """One mTLS connection on which a test writes exactly the bytes it wants and reads the
+    answers as they come (interim 100 Continue included)."""
+
+    def __init__(
+        self, world: World, pair: Pair | None = None, *, rcvbuf: int | None = None, env: str = "cat"
+    ):
+        context = world.client_context(pair or world.orgs["acme"].mtls)
+        raw = socket.socket()
+        if rcvbuf is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", world.port(env)))
+        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self._answers = _AnswerParser()
+
+    def send(self, data: bytes) -> None:
+        self.tls.sendall(data)
+
+    def answers(self, count: int, timeout: float = 10) -> list[Answer]:
+        """Read until ``count`` answers are complete (fewer if the server closes first)."""
+        deadline = time.monotonic() + timeout
+        while len(self._answers.done) < count and time.monotonic() < deadline:
+            self.tls.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.tls.recv(65536)
+            except (TimeoutError, ssl.SSLError, ConnectionError):
+                break
+            if not data:
+                break
+            self._answers.parser.feed_data(data)
+        done, self._answers.done = self._answers.done[:count], self._answers.done[count:]
+        return done
+
+    def head_answer(self, timeout: float = 10) -> bytes:
+        """The raw bytes of an answer without a body (to HEAD): its head, and whatever
+        arrived after it within a moment (which must be nothing)."""
+        data = b""
+        self.tls.settimeout(timeout)
+        while b"\r\n\r\n" not in data:
+            chunk = self.tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.tls.settimeout(0.2)
+        with contextlib.suppress(TimeoutError, ssl.SSLError):
+            data += self.tls.recv(65536)
+        return data
+
+    def closed_by_server(self, timeout: float = 5) -> bool:
+        """Whether the server closes the connection within ``timeout`` seconds."""
+        self.tls.settimeout(timeout)
+        try:
+            while True:
+                data = self.tls.recv(65536)
+                if not data:
+                    return True
+                self._answers.parser.feed_data(data)
+        except (ssl.SSLError, ConnectionError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tls.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def http_request(
+    method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, *, chunked: bool = False
+) -> bytes:
+    """One request as bytes: Content-Length (or chunked framing) set from the body."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:]) if part)
+        return "\r\n".join(lines).encode() + b"\r\n\r\n" + framed + b"0\r\n\r\n"
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines).encode() + b"\r\n\r\n" + body

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -310,3 +312,36 @@ def test_a_request_id_that_is_not_sane_is_replaced(kit: Kit) -> None:
         )
         assert headers["X-Request-Id"] != sent
         assert headers["X-Request-Id"].isprintable()
+
+
+# --- read: content codings -----------------------------------------------------------------------
+
+
+def _coded(coding: str) -> RequestHead:
+    return head("POST", "/echo", [("Content-Encoding", coding), ("Content-Type", "application/json")])
+
+
+def test_read_undoes_gzip_and_deflate_within_the_limit() -> None:
+    raw = json.dumps({"a": "b" * 100}).encode()
+    squeezer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = squeezer.compress(raw) + squeezer.flush()
+    for coding, data in (
+        ("gzip", gzip.compress(raw)),
+        ("x-gzip", gzip.compress(raw)),
+        ("deflate", zlib.compress(raw)),
+        ("Deflate", raw_deflate),  # raw deflate, as some clients send it
+        ("identity", raw),
+        ("gzip, gzip", gzip.compress(gzip.compress(raw))),
+    ):
+        assert pipeline.read(_coded(coding), data, MAX) == raw, coding
+
+
+def test_read_refuses_bombs_unknown_codings_and_broken_data() -> None:
+    with refused("body_too_large", 413):
+        pipeline.read(_coded("gzip"), gzip.compress(b" " * (MAX * 20)), MAX)
+    with refused("content_encoding_not_supported", 415):
+        pipeline.read(_coded("br"), b"\x0b\x02\x80{}\x03", MAX)
+    with refused("content_encoding_invalid", 400):
+        pipeline.read(_coded("gzip"), gzip.compress(b'{"a": 1}')[:-6], MAX)  # truncated
+    with refused("content_encoding_invalid", 400):
+        pipeline.read(_coded("deflate"), b"not deflate at all", MAX)

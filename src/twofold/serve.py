@@ -22,6 +22,7 @@ from aiohttp import web
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
+from twofold.gateway.listeners import Listener, raise_descriptor_limit
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
 from twofold.portal.app import init_app
@@ -47,6 +48,10 @@ class ServeConfig:
     max_body: int = 1024 * 1024
     upstream_timeout: float = 30.0
     access_log: bool = True
+    header_timeout: float = 10.0  # gateway: a request's head must arrive within this
+    body_timeout: float = 30.0  # gateway: and its body within this after the head
+    keepalive_timeout: float = 75.0  # gateway: idle keep-alive connections are closed after this
+    max_connections: int = 10000  # gateway: per listener (the descriptor limit caps them too)
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
 
     @property
@@ -157,6 +162,7 @@ def _settle_heap() -> None:
 
 
 def _install_uvloop() -> None:
+    raise_descriptor_limit()  # soft limit of open files up to the hard one
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -180,7 +186,7 @@ def _configure_logging(access_log: bool) -> None:
 
 async def _gateway_listeners(
     gateway: Gateway, config: ServeConfig, envs: list[dict[str, Any]], reuse_port: bool
-) -> list[tuple[web.BaseRunner, asyncio.Server]]:
+) -> list[Listener]:
     listeners = []
     for env in envs:
         port = config.ports.get(env["id"], env["gateway_port"])
@@ -206,7 +212,7 @@ class _GatewayProcess:
     """The gateway side of one process: the gateway, its listeners and its admin listener."""
 
     gateway: Gateway
-    listeners: list[tuple[web.BaseRunner, asyncio.Server]]
+    listeners: list[Listener]
     admin: web.AppRunner
 
     @classmethod
@@ -223,6 +229,10 @@ class _GatewayProcess:
                 max_body=config.max_body,
                 upstream_timeout=config.upstream_timeout,
                 access_log=config.access_log,
+                header_timeout=config.header_timeout,
+                body_timeout=config.body_timeout,
+                keepalive_timeout=config.keepalive_timeout,
+                max_connections=config.max_connections,
             ),
         )
         await gateway.start()
@@ -245,8 +255,8 @@ class _GatewayProcess:
         return cls(gateway, listeners, admin)
 
     async def stop(self) -> None:
-        for runner, server in self.listeners:
-            await close_listener(runner, server)
+        for listener in self.listeners:
+            await close_listener(listener)
         await self.admin.cleanup()
         await self.gateway.stop()
 

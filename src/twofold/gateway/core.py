@@ -11,21 +11,21 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from twofold.crypto.keys import PrivateKey
-from twofold.errors import TwofoldError
 from twofold.gateway import pipeline
 from twofold.gateway.facts import ConnectionFacts, RequestHead
 from twofold.gateway.forward import Forwarder, Response, error_response
+from twofold.gateway.listeners import Connections
 from twofold.gateway.metrics import Metrics
 from twofold.gateway.pipeline import Admitted, Outcome
 from twofold.gateway.sandbox import Forwarded
 from twofold.gateway.snapshot import Snapshot, load_snapshot
 from twofold.gateway.trust import Trust
+from twofold.gateway.wire import Limits
 from twofold.registry.db import is_sqlite, normalise_url
 from twofold.registry.service import Registry
 
@@ -39,6 +39,20 @@ class GatewayConfig:
     upstream_timeout: float = 30.0
     poll_interval: float = 0.25
     access_log: bool = True
+    header_timeout: float = 10.0  # from a request's first byte (or the handshake) to its last header
+    body_timeout: float = 30.0  # from the last header to the last byte of the body
+    keepalive_timeout: float = 75.0  # idle between requests
+    max_connections: int = 10000  # per listener (and the process's descriptor limit caps them all)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_body=self.max_body,
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+            send_timeout=self.body_timeout,
+        )
 
 
 class Gateway:
@@ -57,6 +71,8 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.trust = Trust(key, certificate, chain)
         self.forwarder = Forwarder(registry, self.config.upstream_timeout)
+        self.limits = self.config.limits
+        self.connections = Connections()
         self.snapshot: Snapshot | None = None
         self._last_poll = 0.0
         self._wake = asyncio.Event()
@@ -144,6 +160,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.connections.stop()
         await self.forwarder.close()
 
     # --- the pipeline over the live snapshot ----------------------------------------------------
@@ -162,26 +179,6 @@ class Gateway:
 
     async def forward(self, admitted: Admitted, forwarded: Forwarded, outcome: Outcome) -> Response:
         return await self.forwarder.forward(admitted.product, forwarded, outcome)
-
-    async def handle(
-        self, facts: ConnectionFacts, head: RequestHead, read_body: Callable[[], Awaitable[bytes]]
-    ) -> Response:
-        """One request through every step; a refusal becomes its JSON error. ``read_body``
-        reads the whole body, raising :class:`GatewayError` when it cannot."""
-        started = time.perf_counter()
-        outcome = Outcome()
-        try:
-            admitted = self.admit(facts, head, outcome)
-            body = await read_body() if head.has_body else b""
-            forwarded = self.prepare(facts, admitted, head, body, outcome)
-            response = await self.forward(admitted, forwarded, outcome)
-        except TwofoldError as error:
-            outcome.code = error.code
-            response = error_response(error.status, error.code, error.message)
-        except Exception as exc:
-            response = self.internal_error(exc, head, outcome)
-        self.record(facts, head.method, head.path, response.status, outcome, time.perf_counter() - started)
-        return response
 
     def internal_error(self, exc: BaseException, head: RequestHead | None, outcome: Outcome) -> Response:
         outcome.code = "internal_error"

@@ -42,6 +42,7 @@ class Response:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    head_length: int | None = None  # answering HEAD: the length the upstream declared
 
 
 def json_response(status: int, data: Any, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -144,7 +145,11 @@ class Forwarder:
             headers.append(("Content-Type", "application/json"))
         if status >= 500:
             outcome.code = f"upstream_{status}"
-        return Response(status, headers, content)
+        head_length = None
+        if forwarded.method == "HEAD":  # no body, but the length a GET would have
+            declared = next((v for k, v in upstream_headers if k.lower() == "content-length"), "")
+            head_length = int(declared) if declared.isdigit() else None
+        return Response(status, headers, content, head_length)
 
     async def _sandbox(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
         sandbox = SANDBOXES.get(product.upstream.split(":", 1)[1])

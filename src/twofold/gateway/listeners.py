@@ -1,156 +1,283 @@
-"""One TLS listener per environment: connections accepted, the client certificate taken
-from the handshake into :class:`~twofold.gateway.facts.ConnectionFacts`, and each request
-handed to the gateway's pipeline."""
+"""One TLS listener per environment.
+
+The listener accepts connections itself and hands each socket to uvloop's TLS, so that
+until its handshake completes it still holds the socket and can end it: near the
+connection cap of the listener (``max_connections``) or of the process (from its
+descriptor limit), the oldest connection still in its handshake — unauthenticated — is shed
+to make room, and connections that proved a client certificate are kept. Once TLS is up the
+connection is a :class:`~twofold.gateway.protocol.GatewayProtocol`; the listener checks its
+deadlines (head, body, idle, send) about twice a second.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from http import HTTPStatus
-from typing import Any
+import contextlib
+import logging
+import resource
+import socket
+import time
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from twofold.gateway.protocol import GatewayProtocol
+from twofold.gateway.wire import Limits
 
-from twofold.gateway import pipeline
-from twofold.gateway.core import Gateway
-from twofold.gateway.facts import ConnectionFacts, RequestHead
-from twofold.gateway.forward import Response
+if TYPE_CHECKING:
+    from twofold.gateway.core import Gateway
+
+log = logging.getLogger("twofold.gateway")
+
+HANDSHAKE_TIMEOUT = 10.0
+SHUTDOWN_TIMEOUT = 5.0  # waiting for the client's close_notify
+SWEEP_INTERVAL = 0.5
+DESCRIPTOR_RESERVE = 64  # kept free for the database, the listeners, logs
 
 
-def _aiohttp_response(response: Response) -> web.Response:
-    return web.Response(status=response.status, body=response.body, headers=response.headers)
+def raise_descriptor_limit() -> int:
+    """Raise the soft limit of open files to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
-def _server(gateway: Gateway, env: str) -> web.Server:
-    """aiohttp's low-level server for one environment's listener: every path goes to the
-    pipeline (an application router would only add work per request)."""
-    max_body = gateway.config.max_body
+def descriptor_budget() -> int:
+    """Client connections one process may hold: half of what its descriptor limit leaves
+    after a reserve (each forwarded request may hold an upstream connection too)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, (soft - DESCRIPTOR_RESERVE) // 2)
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        facts = ConnectionFacts.of(env, request.remote or "", der)
-        head = RequestHead.parse_target(
-            request.method,
-            request.rel_url.raw_path,
-            request.rel_url.raw_query_string,
-            list(request.headers.items()),
-        )
-        if request.body_exists and not head.has_body:
-            head.chunked = True
 
-        async def read_body() -> bytes:
+class Connections:
+    """The client connections of one process's listeners: the process-wide cap and the
+    deadline sweep."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget if budget is not None else descriptor_budget()
+        self.open = 0
+        self.listeners: list[Listener] = []
+        self.active: set[GatewayProtocol] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for protocol in [p for p in self.active if p.deadline is not None and p.deadline <= now]:
+                protocol.expire()
+
+    def oldest_pending(self) -> _Handshake | None:
+        """The connection that has been in its TLS handshake longest, on any listener."""
+        oldest: _Handshake | None = None
+        for listener in self.listeners:
+            candidate = next(iter(listener.pending), None)
+            if candidate is not None and (oldest is None or candidate.accepted < oldest.accepted):
+                oldest = candidate
+        return oldest
+
+
+class _Handshake:
+    """An accepted connection until its TLS handshake completes: the listener holds its
+    socket, so that it can shed it."""
+
+    __slots__ = ("accepted", "listener", "shed", "sock", "task")
+
+    def __init__(self, listener: Listener, sock: socket.socket) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.accepted = time.monotonic()
+        self.shed = False
+        self.task: asyncio.Task[None] | None = None
+
+    def drop(self) -> None:
+        """Shed: end it before it completes the handshake (the handshake then fails)."""
+        self.shed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Listener:
+    """One environment's TLS listener: accepts connections itself (to hold each socket
+    until its handshake completes), then hands them to uvloop's TLS and the protocol."""
+
+    def __init__(
+        self, gateway: Gateway, env: str, limits: Limits, max_connections: int, connections: Connections
+    ) -> None:
+        self.gateway, self.env, self.limits = gateway, env, limits
+        self.max_connections = max_connections
+        self.connections = connections
+        self.open = 0
+        self.pending: dict[_Handshake, None] = {}  # oldest first
+        self.sockets: list[socket.socket] = []
+        self._closing = False
+        self._drained = asyncio.Event()
+        metrics = gateway.metrics
+        self._failures = metrics.handshake_failures.labels(env)
+        self._shed = metrics.connections_dropped.labels(env, "shed")
+        self._full = metrics.connections_dropped.labels(env, "full")
+        self._gauge = metrics.connections.labels(env)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
             try:
-                return await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise pipeline.body_too_large(max_body) from None
-            except ConnectionResetError:  # the client hung up mid-body: its fault, not an internal error
-                raise pipeline.client_disconnected() from None
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                for other in self.sockets:
+                    other.close()
+                raise
+            self.sockets.append(sock)
+        self.connections.listeners.append(self)
+        self.connections.start()
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
 
-        return _aiohttp_response(await gateway.handle(facts, head, read_body))
+    def _accept(self, server: socket.socket) -> None:
+        for _ in range(64):  # then let other work run
+            try:
+                sock, _address = server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors (or memory): wait a moment
+                log.warning("accepting a connection failed (%s); retrying in 0.1 s", exc.strerror)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(server.fileno())
+                loop.call_later(0.1, self._resume_accepting, server)
+                return
+            self._accepted(sock)
 
-    def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=max_body
-        )
+    def _resume_accepting(self, server: socket.socket) -> None:
+        if not self._closing:
+            asyncio.get_running_loop().add_reader(server.fileno(), self._accept, server)
 
-    return _GatewayServer(handle, request_factory=make_request, max_field_size=16384)
+    def _accepted(self, sock: socket.socket) -> None:
+        """A new connection: make room for it by shedding the oldest connection still in
+        its handshake, or refuse it when every connection is authenticated."""
+        connections = self.connections
+        if self._closing:
+            sock.close()
+            return
+        if self.open >= self.max_connections or connections.open >= connections.budget:
+            victim = next(iter(self.pending), None) if self.open >= self.max_connections else None
+            victim = victim or connections.oldest_pending()
+            if victim is None:
+                self._full.inc()
+                sock.close()
+                return
+            victim.listener.pending.pop(victim, None)
+            victim.listener._shed.inc()
+            victim.drop()
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.open += 1
+        connections.open += 1
+        self._gauge.inc()
+        handshake = _Handshake(self, sock)
+        self.pending[handshake] = None
+        handshake.task = asyncio.get_running_loop().create_task(self._handshake(handshake))
 
+    async def _handshake(self, handshake: _Handshake) -> None:
+        def protocol() -> GatewayProtocol:
+            return GatewayProtocol(
+                self.gateway,
+                self.env,
+                self.limits,
+                on_open=lambda p: self._opened(handshake, p),
+                on_close=self._closed,
+            )
 
-class _JSONProtocolErrors(RequestHandler):
-    """aiohttp answers requests it cannot parse (a header over the size limit, a malformed
-    request line) itself, before the gateway sees them; answer those as JSON too."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                protocol,
+                handshake.sock,
+                ssl=self.gateway.listening_context(self.env),
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
+            )
+        except Exception:  # untrusted or missing client certificate, not TLS, timeout, shed
+            self.pending.pop(handshake, None)
+            if not handshake.shed and not self._closing:
+                self._failures.inc()
+            self._release()
+            with contextlib.suppress(OSError):
+                handshake.sock.close()
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs it; refuses if a response began
-        code = {400: "bad_request", 413: "body_too_large", 431: "headers_too_large"}.get(
-            status, f"http_{status}"
-        )
-        text = message if message and status < 500 else HTTPStatus(status).phrase
-        response = web.json_response(
-            {"error": {"code": code, "message": f"the request could not be read as HTTP/1.1: {text}"}},
-            status=status,
-        )
-        response.force_close()
-        return response
+    # --- accounting ----------------------------------------------------------------------------
 
+    def _opened(self, handshake: _Handshake, protocol: GatewayProtocol) -> None:
+        self.pending.pop(handshake, None)
+        self.connections.active.add(protocol)
 
-class _GatewayServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JSONProtocolErrors(self, loop=self._loop, **self._kwargs)
+    def _closed(self, protocol: GatewayProtocol) -> None:
+        self.connections.active.discard(protocol)
+        self._release()
 
+    def _release(self) -> None:
+        self.open -= 1
+        self.connections.open -= 1
+        self._gauge.dec()
+        if self._closing and self.open <= 0:
+            self._drained.set()
 
-class _HandshakeWatch(asyncio.Protocol):
-    """Wraps the HTTP protocol of one accepted connection. The loop creates it at accept
-    time but calls ``connection_made`` only once the TLS handshake succeeded; if the
-    connection is dropped before that (untrusted or missing client certificate, protocol
-    error), the wrapper is released unconnected and counts a handshake failure."""
+    # --- stopping -----------------------------------------------------------------------------
 
-    __slots__ = ("_connected", "_inner", "_on_failure")
-
-    def __init__(self, inner: asyncio.Protocol, on_failure: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_failure = on_failure
-        self._connected = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._connected = True
-        self._inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def __del__(self) -> None:
-        if not self._connected:
-            self._on_failure()
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop accepting, drop handshakes, let answers in progress finish (up to ``grace``)."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        for handshake in list(self.pending):
+            handshake.drop()
+        mine = [p for p in self.connections.active if p.environment == self.env and p.gateway is self.gateway]
+        for protocol in mine:
+            protocol.shutdown()
+        if self.open > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
+        for protocol in mine:
+            protocol.abort()
+        if self in self.connections.listeners:
+            self.connections.listeners.remove(self)
+        if not self.connections.listeners:
+            await self.connections.stop()
 
 
 async def serve_environment(
     gateway: Gateway, env: str, host: str, port: int, *, reuse_port: bool = False
-) -> tuple[web.BaseRunner, asyncio.Server]:
-    """Start the TLS listener of one environment; returns what :func:`close_listener` needs."""
-    runner = web.ServerRunner(_server(gateway, env), access_log=None, handle_signals=False)
-    await runner.setup()
-    server_factory = runner.server
-    assert server_factory is not None
-    failures = gateway.metrics.handshake_failures.labels(env)
-
-    def factory() -> asyncio.Protocol:
-        return _HandshakeWatch(server_factory(), failures.inc)
-
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        factory,
-        host,
-        port,
-        ssl=gateway.listening_context(env),
-        reuse_port=reuse_port or None,
-        backlog=1024,
-        ssl_handshake_timeout=10,
-    )
-    return runner, server
+) -> Listener:
+    """Start the TLS listener of one environment; :func:`close_listener` stops it."""
+    listener = Listener(gateway, env, gateway.limits, gateway.config.max_connections, gateway.connections)
+    await listener.start(host, port, reuse_port=reuse_port)
+    return listener
 
 
-async def close_listener(runner: web.BaseRunner, server: asyncio.Server) -> None:
-    server.close()
-    await runner.shutdown()
-    await runner.cleanup()
+async def close_listener(listener: Listener) -> None:
+    await listener.close()

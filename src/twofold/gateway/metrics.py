@@ -30,6 +30,19 @@ class Metrics:
             ["environment"],
             registry=self.registry,
         )
+        self.connections_dropped = Counter(
+            "twofold_gateway_connections_dropped",
+            "Connections closed at once: 'shed' (still in the TLS handshake, to make room near the "
+            "connection cap) or 'full' (refused: every connection was authenticated)",
+            ["environment", "reason"],
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "twofold_gateway_connections",
+            "Open client connections, handshakes included",
+            ["environment"],
+            registry=self.registry,
+        )
         self.expiring = Gauge(
             "twofold_certificates_expiring_30d",
             "Active certificates expiring within 30 days",

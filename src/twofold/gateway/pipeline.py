@@ -13,6 +13,7 @@ import itertools
 import json
 import re
 import secrets
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +214,44 @@ def admit_body(head: RequestHead, max_body: int) -> None:
         raise body_too_large(max_body)
 
 
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    """One content coding undone, never to more than ``limit`` + 1 bytes (a small
+    compressed body can inflate to gigabytes)."""
+    if coding in ("gzip", "x-gzip"):
+        attempts: tuple[int, ...] = (16 + zlib.MAX_WBITS,)
+    elif coding == "deflate":  # zlib-wrapped (RFC 9110), or raw as some clients send it
+        attempts = (zlib.MAX_WBITS, -zlib.MAX_WBITS)
+    else:
+        raise GatewayError(
+            f"the Content-Encoding {coding!r} is not supported; send the body uncompressed, or gzip or deflate",
+            code="content_encoding_not_supported",
+            status=415,
+        )
+    for wbits in attempts:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            inflated = inflater.decompress(data, limit + 1)
+        except zlib.error:
+            continue
+        if inflater.eof or len(inflated) > limit:
+            return inflated
+    raise GatewayError(f"the body is not complete {coding} data", code="content_encoding_invalid", status=400)
+
+
+def read(head: RequestHead, body: bytes, max_body: int) -> bytes:
+    """The body as the client meant it: within the limit, its Content-Encoding undone."""
+    if len(body) > max_body:
+        raise body_too_large(max_body)
+    encoding = head.header("Content-Encoding")
+    if encoding and body:
+        for coding in reversed([c.strip().lower() for c in encoding.split(",")]):
+            if coding and coding != "identity":
+                body = _inflate(body, coding, max_body)
+                if len(body) > max_body:
+                    raise body_too_large(max_body)
+    return body
+
+
 def client_disconnected() -> GatewayError:
     return GatewayError(
         "the client closed the connection before it sent the whole body",
@@ -379,8 +418,7 @@ def prepare(
     outcome: Outcome,
 ) -> Forwarded:
     """read → verify, once the whole body is in: what the upstream is given."""
-    if len(body) > max_body:
-        raise body_too_large(max_body)
+    body = read(head, body, max_body)
     payload, content_type = verify(admitted, head, body, facts.environment, max_body, outcome)
     client = admitted.client
     return Forwarded(

@@ -7,7 +7,9 @@ The package, along its domain:
 * :mod:`~twofold.gateway.pipeline` — the steps identify → route → authorise → read → verify;
 * :mod:`~twofold.gateway.forward` and :mod:`~twofold.gateway.upstream` — forwarding;
 * :mod:`~twofold.gateway.core` — the gateway of a process: live snapshot, trust, metrics, log;
-* :mod:`~twofold.gateway.listeners` — the TLS listeners and the HTTP/1.1 protocol;
+* :mod:`~twofold.gateway.listeners` — the TLS listeners: accepting, connection caps, deadlines;
+* :mod:`~twofold.gateway.protocol` and :mod:`~twofold.gateway.wire` — the HTTP/1.1 protocol
+  (httptools) that takes each request through the pipeline;
 * :mod:`~twofold.gateway.trust` — TLS trust that follows the registry;
 * :mod:`~twofold.gateway.admin` — health, readiness and metrics;
 * :mod:`~twofold.gateway.snapshot`, :mod:`~twofold.gateway.sandbox`, :mod:`~twofold.gateway.metrics`.

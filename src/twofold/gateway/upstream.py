@@ -96,7 +96,7 @@ class _Connection(asyncio.Protocol):
         if len(self._headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             self._fail(UpstreamError("the upstream's response headers are too many or too large"))
             return
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -207,9 +207,9 @@ class UpstreamPool:
 
 
 def serialise(method: str, target: str, host_header: str, headers: dict[str, str], body: bytes) -> bytes:
-    """An HTTP/1.1 request in one buffer. Header values were received by aiohttp's parser
-    (which refuses CR/LF; undecodable bytes come back as they were sent); values the gateway
-    adds are its own."""
+    """An HTTP/1.1 request in one buffer. Header values were received by the gateway's
+    parser (llhttp refuses CR/LF; undecodable bytes come back as they were sent); values the
+    gateway adds are its own."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
     lines.extend(f"{name}: {value}" for name, value in headers.items())
     if body or method in ("POST", "PUT", "PATCH"):
