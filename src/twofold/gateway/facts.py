@@ -42,23 +42,38 @@ class RequestHead:
     content_type: str = ""  # the Content-Type header as sent, "" when absent
     content_length: int | None = None  # declared, None when absent
     chunked: bool = False
+    content_encoding: str = ""
+    expect: str | None = None
+    request_id: str = ""  # X-Request-Id as sent
 
     @classmethod
     def parse_target(
         cls, method: str, raw_path: str, query: str, headers: list[tuple[str, str]]
     ) -> RequestHead:
-        """A head from the request target's path and query as sent."""
+        """A head from the request target's path and query as sent; the headers the
+        pipeline reads are picked out in one pass (the first of each)."""
         path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
-        content_type, length, chunked = "", None, False
+        head = cls(method, raw_path, path, query, headers)
+        seen = set()
         for name, value in headers:
             lower = name.lower()
-            if lower == "content-type":
-                content_type = value
-            elif lower == "content-length":
-                length = int(value) if value.isdigit() else None
-            elif lower == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-        return cls(method, raw_path, path, query, headers, content_type, length, chunked)
+            if lower in _PICKED and lower not in seen:
+                seen.add(lower)
+                if lower == "content-type":
+                    head.content_type = value
+                elif lower == "content-length":
+                    if not value.isdigit():
+                        raise ValueError("Content-Length is not a number")
+                    head.content_length = int(value)
+                elif lower == "transfer-encoding":
+                    head.chunked = "chunked" in value.lower()
+                elif lower == "content-encoding":
+                    head.content_encoding = value
+                elif lower == "expect":
+                    head.expect = value
+                else:
+                    head.request_id = value
+        return head
 
     def header(self, name: str) -> str | None:
         """The first value of a header (case-insensitive name), None when absent."""
@@ -76,3 +91,8 @@ class RequestHead:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+
+_PICKED = frozenset(
+    {"content-type", "content-length", "transfer-encoding", "content-encoding", "expect", "x-request-id"}
+)

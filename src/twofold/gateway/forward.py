@@ -16,7 +16,7 @@ from yarl import URL
 from twofold.gateway.pipeline import GatewayError, Outcome
 from twofold.gateway.sandbox import SANDBOXES, Forwarded
 from twofold.gateway.snapshot import Product
-from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, serialise
+from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, UpstreamResponse, serialise
 from twofold.registry.service import Registry
 
 _RESPONSE_HOP_BY_HOP = frozenset(
@@ -109,15 +109,54 @@ class Forwarder:
             await self._session.close()
         self.pool.close()
 
-    async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
-        if product.upstream.startswith("sandbox:"):
-            return await self._sandbox(product, forwarded, outcome)
+    def _target(self, product: Product) -> Target:
         target = self._targets.get(product.upstream)
         if target is None:
             target = self._targets[product.upstream] = Target.parse(product.upstream)
+        return target
+
+    @staticmethod
+    def _path(target: Target, forwarded: Forwarded) -> str:
         path = target.base_path + forwarded.raw_path
-        if forwarded.query_string:
-            path = f"{path}?{forwarded.query_string}"
+        return f"{path}?{forwarded.query_string}" if forwarded.query_string else path
+
+    def send(self, product: Product, forwarded: Forwarded) -> asyncio.Future[UpstreamResponse] | None:
+        """The hot path, without a task: a plain-HTTP upstream with an idle pooled connection
+        gets the request at once; :meth:`relay` turns the future's outcome into the answer.
+        None: take :meth:`forward` instead."""
+        if forwarded.method == "HEAD" or product.upstream.startswith("sandbox:"):
+            return None
+        target = self._target(product)
+        if not target.lean:
+            return None
+        request = serialise(
+            forwarded.method,
+            self._path(target, forwarded),
+            target.host_header,
+            forwarded.headers,
+            forwarded.body,
+        )
+        return self.pool.send(target.host, target.port, request, self.timeout)
+
+    def relay(
+        self,
+        product: Product,
+        forwarded: Forwarded,
+        outcome: Outcome,
+        waiter: asyncio.Future[UpstreamResponse],
+    ) -> Response:
+        """The answer to relay once :meth:`send`'s future is done (raises GatewayError)."""
+        try:
+            answer = waiter.result()
+        except (TimeoutError, UpstreamError) as exc:
+            raise self._failed(product, exc) from None
+        return self._answer(answer.status, answer.headers, answer.body, forwarded, outcome)
+
+    async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
+        if product.upstream.startswith("sandbox:"):
+            return await self._sandbox(product, forwarded, outcome)
+        target = self._target(product)
+        path = self._path(target, forwarded)
         try:
             async with asyncio.timeout(self.timeout):
                 if target.lean and forwarded.method != "HEAD":
@@ -128,26 +167,46 @@ class Forwarder:
                     status, upstream_headers, content = answer.status, answer.headers, answer.body
                 else:
                     status, upstream_headers, content = await self._aiohttp(target, path, forwarded)
-        except TimeoutError:
-            raise GatewayError(
+        except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
+            raise self._failed(product, exc) from None
+        return self._answer(status, upstream_headers, content, forwarded, outcome)
+
+    def _failed(self, product: Product, exc: Exception) -> GatewayError:
+        if isinstance(exc, TimeoutError):
+            return GatewayError(
                 f"the {product.name} API did not answer within {self.timeout:g} s",
                 code="upstream_timeout",
                 status=504,
-            ) from None
-        except (UpstreamError, aiohttp.ClientError) as exc:
-            raise GatewayError(
-                f"the {product.name} API is unavailable ({exc if isinstance(exc, UpstreamError) else type(exc).__name__})",
-                code="upstream_unavailable",
-                status=502,
-            ) from None
-        headers = [(k, v) for k, v in upstream_headers if k.lower() not in _RESPONSE_HOP_BY_HOP]
-        if not any(k.lower() == "content-type" for k, _ in headers):
+            )
+        return GatewayError(
+            f"the {product.name} API is unavailable ({exc if isinstance(exc, UpstreamError) else type(exc).__name__})",
+            code="upstream_unavailable",
+            status=502,
+        )
+
+    @staticmethod
+    def _answer(
+        status: int,
+        upstream_headers: list[tuple[str, str]],
+        content: bytes,
+        forwarded: Forwarded,
+        outcome: Outcome,
+    ) -> Response:
+        headers, typed, declared = [], False, ""
+        for name, value in upstream_headers:
+            lower = name.lower()
+            if lower in _RESPONSE_HOP_BY_HOP:
+                if lower == "content-length":
+                    declared = value
+                continue
+            typed = typed or lower == "content-type"
+            headers.append((name, value))
+        if not typed:
             headers.append(("Content-Type", "application/json"))
         if status >= 500:
             outcome.code = f"upstream_{status}"
         head_length = None
         if forwarded.method == "HEAD":  # no body, but the length a GET would have
-            declared = next((v for k, v in upstream_headers if k.lower() == "content-length"), "")
             head_length = int(declared) if declared.isdigit() else None
         return Response(status, headers, content, head_length)
 

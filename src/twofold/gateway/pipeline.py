@@ -242,7 +242,7 @@ def read(head: RequestHead, body: bytes, max_body: int) -> bytes:
     """The body as the client meant it: within the limit, its Content-Encoding undone."""
     if len(body) > max_body:
         raise body_too_large(max_body)
-    encoding = head.header("Content-Encoding")
+    encoding = head.content_encoding
     if encoding and body:
         for coding in reversed([c.strip().lower() for c in encoding.split(",")]):
             if coding and coding != "identity":
@@ -376,7 +376,7 @@ def upstream_headers(
     headers = {name: value for name, value in head.headers if forwardable(name)}
     headers["X-Forwarded-For"] = facts.client_address
     headers["X-Forwarded-Proto"] = "https"
-    sent_id = head.header("X-Request-Id") or ""
+    sent_id = head.request_id
     if sent_id and len(sent_id) <= 128 and sent_id.isprintable():
         headers["X-Request-Id"] = sent_id
     else:

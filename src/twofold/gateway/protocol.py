@@ -33,6 +33,7 @@ from twofold.gateway.facts import ConnectionFacts, RequestHead
 from twofold.gateway.forward import Response, error_response
 from twofold.gateway.pipeline import Admitted, GatewayError, Outcome
 from twofold.gateway.sandbox import Forwarded
+from twofold.gateway.upstream import UpstreamResponse
 from twofold.gateway.wire import Limits, serialise_response
 
 if TYPE_CHECKING:
@@ -295,7 +296,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._refuse(400, "bad_request", "the Content-Length header is not a number")
         request.head = head
         request.keep_alive = self._parser.should_keep_alive()
-        expect = head.header("Expect")
+        expect = head.expect
         if expect is not None:
             if expect.lower() != "100-continue":
                 self._refuse(417, "expectation_failed", "the only expectation understood is 100-continue")
@@ -508,7 +509,25 @@ class GatewayProtocol(asyncio.Protocol):
             self._answer_refusal(request, error)
             return
         self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._forward(request, admitted, forwarded))
+        forwarder = self.gateway.forwarder
+        waiter = forwarder.send(admitted.product, forwarded)
+        if waiter is None:  # the sandbox, HTTPS, HEAD, or no idle upstream connection
+            self._task = asyncio.get_running_loop().create_task(self._forward(request, admitted, forwarded))
+            return
+
+        def relay(done: asyncio.Future[UpstreamResponse]) -> None:
+            try:
+                response = forwarder.relay(admitted.product, forwarded, request.outcome, done)
+            except TwofoldError as error:
+                request.outcome.code = error.code
+                response = error_response(error.status, error.code, error.message)
+            except Exception as exc:
+                response = self.gateway.internal_error(exc, request.head, request.outcome)
+            self._busy = False
+            self._write(request, response)
+            self._advance()
+
+        waiter.add_done_callback(relay)
 
     async def _forward(self, request: _Request, admitted: Admitted, forwarded: Forwarded) -> None:
         try:

@@ -37,21 +37,24 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one request at a time."""
+    """One keep-alive connection; one request at a time. Completing the exchange (answer,
+    failure, timeout) happens here, and a connection that can be reused goes back to its
+    pool at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.closed = False
+        self._pool, self._key = pool, key
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._headers: list[tuple[str, str]] = []
         self._body: list[bytes] = []
         self._size = 0
         self._header_bytes = 0
         self._complete = False
         self._headers_done = False
-        self._keep_alive = False
         self._interim = False  # a 1xx response (103 Early Hints …): the real one follows
 
     # asyncio.Protocol
@@ -59,7 +62,8 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # bytes nobody asked for: the connection is unusable
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # bytes nobody asked for: the connection is unusable
             self._abort()
             return
         try:
@@ -76,9 +80,9 @@ class _Connection(asyncio.Protocol):
             return
         if self._headers_done and self._delimited_by_close():  # HTTP/1.0 style: the body ends at EOF
             self._complete = True
-            waiter.set_result(self._response())
+            self._finish(self._response(), reuse=False)
             return
-        waiter.set_exception(UpstreamError("the upstream closed the connection"))
+        self._fail(UpstreamError("the upstream closed the connection"))
 
     def _delimited_by_close(self) -> bool:
         names = {name.lower() for name, _ in self._headers}
@@ -93,7 +97,7 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if len(self._headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADERS:
             self._fail(UpstreamError("the upstream's response headers are too many or too large"))
             return
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
@@ -115,38 +119,52 @@ class _Connection(asyncio.Protocol):
             self._reset()
             return
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()  # only meaningful inside this callback
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(self._response())
+        # should_keep_alive() is only meaningful inside this callback
+        self._finish(self._response(), reuse=self._parser.should_keep_alive())
 
     def _response(self) -> UpstreamResponse:
-        return UpstreamResponse(self._parser.get_status_code(), list(self._headers), b"".join(self._body))
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return UpstreamResponse(self._parser.get_status_code(), self._headers, body)
 
     def _reset(self) -> None:
         self._headers, self._body, self._size, self._header_bytes = [], [], 0, 0
-        self._complete = self._headers_done = self._keep_alive = self._interim = False
+        self._complete = self._headers_done = self._interim = False
 
     # use
-    async def exchange(self, request: bytes) -> UpstreamResponse:
+    def start(self, request: bytes, waiter: asyncio.Future[UpstreamResponse], timeout: float | None) -> None:
+        """Send the request; ``waiter`` gets the response, or an :class:`UpstreamError` (a
+        ``TimeoutError`` after ``timeout`` seconds)."""
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        self._waiter = waiter
         self._reset()
+        if timeout is not None:
+            self._timer = waiter.get_loop().call_later(timeout, self._timed_out)
         self.transport.write(request)
-        try:
-            return await self._waiter
-        finally:
-            self._waiter = None
 
-    @property
-    def reusable(self) -> bool:
-        return not self.closed and self._complete and self._keep_alive
+    def _finish(self, response: UpstreamResponse, *, reuse: bool) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if reuse and not self.closed:
+            self._pool.release(self)
+        else:
+            self.close()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
 
-    def _fail(self, error: UpstreamError) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(error)
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError())
+
+    def _fail(self, error: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._abort()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
 
     def _abort(self) -> None:
         self.closed = True
@@ -160,44 +178,67 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections per (host, port)."""
+    """Keep-alive connections per (host, port). Nothing is retried: a POST may have been
+    acted on before a connection failed."""
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], deque[_Connection]] = {}
 
-    async def _connection(self, host: str, port: int) -> _Connection:
-        idle = self._idle.get((host, port))
+    def _idle_connection(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
                 return connection
             connection.close()
-        loop = asyncio.get_running_loop()
-        try:
-            _transport, connection = await loop.create_connection(_Connection, host, port)
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
-        return connection
+        return None
+
+    def release(self, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        idle = self._idle.setdefault(connection._key, deque())
+        if len(idle) < MAX_IDLE_PER_HOST:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def send(
+        self, host: str, port: int, request: bytes, timeout: float | None
+    ) -> asyncio.Future[UpstreamResponse] | None:
+        """The hot path: the request sent at once on an idle connection, its answer a future;
+        None when no connection is idle (then :meth:`request` connects)."""
+        connection = self._idle_connection((host, port))
+        if connection is None:
+            return None
+        assert connection.transport is not None
+        waiter: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        connection.start(request, waiter, timeout)
+        return waiter
 
     async def request(self, host: str, port: int, request: bytes) -> UpstreamResponse:
-        """Send one serialised request and read its response. A failure closes the connection
-        (it may be half-way through a response); nothing is retried, as a POST may have been
-        acted on."""
-        connection = await self._connection(host, port)
+        """Send one serialised request (connecting when no connection is idle) and read its
+        response. A failure or a cancellation closes the connection (it may be half-way
+        through a response)."""
+        key = (host, port)
+        connection = self._idle_connection(key)
+        loop = asyncio.get_running_loop()
+        if connection is None:
+            try:
+                _transport, connection = await loop.create_connection(
+                    lambda: _Connection(self, key), host, port
+                )
+            except OSError as exc:
+                raise UpstreamError(f"cannot connect to {host}:{port} ({exc.strerror or exc})") from None
+        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
+        connection.start(request, waiter, None)  # the caller's asyncio.timeout bounds it
         try:
-            response = await connection.exchange(request)
+            return await waiter
         except BaseException:
-            connection.close()
+            if connection._waiter is waiter:  # cancelled from outside: the exchange is not over
+                connection._fail(UpstreamError("cancelled"))
             raise
-        if connection.reusable:
-            connection.idle_since = time.monotonic()
-            idle = self._idle.setdefault((host, port), deque())
-            if len(idle) < MAX_IDLE_PER_HOST:
-                idle.append(connection)
-                return response
-        connection.close()
-        return response
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -210,9 +251,11 @@ def serialise(method: str, target: str, host_header: str, headers: dict[str, str
     """An HTTP/1.1 request in one buffer. Header values were received by the gateway's
     parser (llhttp refuses CR/LF; undecodable bytes come back as they were sent); values the
     gateway adds are its own."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}\r\n")
     if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}")
-    head = "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n"
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    head = "".join(lines).encode("utf-8", "surrogateescape")
     return head + body if body else head
