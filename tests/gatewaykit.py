@@ -596,6 +596,24 @@ def token_parts() -> str:
     return f"marker-{secrets.token_hex(8)}"
 
 
+async def seed_balance_client(db: Path, mtls_pem: bytes) -> str:
+    """For a `twofold serve` started as a process: organisation acme with one mTLS
+    certificate in cat and the balance product in a project; returns its fingerprint."""
+    registry = await Registry.open(str(db))
+    try:
+        await registry.add_org(SYSTEM, "acme")
+        await registry.add_user(
+            SYSTEM, "sec@acme.test", org="acme", roles=["api_security", "developer"], password=None
+        )
+        who = await registry.token_principal(await registry.create_token(SYSTEM, for_email="sec@acme.test"))
+        row = await registry.add_certificate(who, "cat", "mtls", mtls_pem)
+        project = await registry.create_project(who, "treasury")
+        await registry.set_project_product(who, project["id"], "balance", "cat", present=True)
+        return str(row["fingerprint"])
+    finally:
+        await registry.close()
+
+
 # --- raw HTTP/1.1 over mTLS, for what real clients rarely do -----------------------------------
 
 

@@ -27,10 +27,16 @@ import httpx
 import pytest
 
 import twofold
-from gatewaykit import RawClient, World, free_port, http_request, running_world, wait_until
+from gatewaykit import (
+    RawClient,
+    World,
+    free_port,
+    http_request,
+    running_world,
+    seed_balance_client,
+    wait_until,
+)
 from twofold.crypto import certs, keys
-from twofold.registry.auth import SYSTEM
-from twofold.registry.service import Registry
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -269,21 +275,6 @@ def test_malformed_requests_are_logged_as_one_line_without_their_bytes_or_a_trac
 # --- #3: a lowered descriptor limit ----------------------------------------------------------------
 
 
-async def _seed(db: Path, mtls_pem: bytes) -> None:
-    registry = await Registry.open(str(db))
-    try:
-        await registry.add_org(SYSTEM, "acme")
-        await registry.add_user(
-            SYSTEM, "sec@acme.test", org="acme", roles=["api_security", "developer"], password=None
-        )
-        who = await registry.token_principal(await registry.create_token(SYSTEM, for_email="sec@acme.test"))
-        await registry.add_certificate(who, "cat", "mtls", mtls_pem)
-        project = await registry.create_project(who, "treasury")
-        await registry.set_project_product(who, project["id"], "balance", "cat", present=True)
-    finally:
-        await registry.close()
-
-
 def _lowered_limit(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
@@ -327,7 +318,7 @@ def test_with_a_low_descriptor_limit_a_flood_without_tls_does_not_lock_clients_o
                 return False
 
         wait_until(ready, 60, 0.2)
-        asyncio.run(_seed(data / "twofold.db", certs.certificate_pem(cert)))
+        asyncio.run(seed_balance_client(data / "twofold.db", certs.certificate_pem(cert)))
 
         def call() -> int:
             try:

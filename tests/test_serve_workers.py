@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import twofold
-from gatewaykit import PROPAGATION, free_port, wait_until
+from gatewaykit import PROPAGATION, free_port, seed_balance_client, wait_until
 from twofold.crypto import certs, keys
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
@@ -54,22 +54,6 @@ class Served:
             for line in text.splitlines()
             if line.startswith("twofold_gateway_requests_total{") and 'outcome="ok"' in line
         )
-
-
-async def _seed(db: Path, mtls_pem: bytes) -> str:
-    registry = await Registry.open(str(db))
-    try:
-        await registry.add_org(SYSTEM, "acme")
-        await registry.add_user(
-            SYSTEM, "sec@acme.test", org="acme", roles=["api_security", "developer"], password=None
-        )
-        who = await registry.token_principal(await registry.create_token(SYSTEM, for_email="sec@acme.test"))
-        row = await registry.add_certificate(who, "cat", "mtls", mtls_pem)
-        project = await registry.create_project(who, "treasury")
-        await registry.set_project_product(who, project["id"], "balance", "cat", present=True)
-        return str(row["fingerprint"])
-    finally:
-        await registry.close()
 
 
 async def _remove(db: Path, fingerprint: str) -> None:
@@ -124,7 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
         (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
         (work / "mtls.key").write_bytes(keys.private_key_bytes(key))
-        fingerprint = asyncio.run(_seed(data / "twofold.db", certs.certificate_pem(cert)))
+        fingerprint = asyncio.run(seed_balance_client(data / "twofold.db", certs.certificate_pem(cert)))
         yield Served(data, gateway, admin, work / "mtls.crt", work / "mtls.key", fingerprint)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
