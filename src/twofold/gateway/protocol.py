@@ -338,40 +338,48 @@ class GatewayProtocol(asyncio.Protocol):
         raise _Refused
 
     def _feed(self, data: bytes) -> None:
+        if len(data) <= _SLICE:  # the common case: one piece
+            self._feed_piece(data)
+            return
         view = memoryview(data)
         for start in range(0, len(data), _SLICE):
             if self._held or self._parser_done:
                 self._backlog.append(bytes(view[start:]))
                 return
-            piece = view[start : start + _SLICE]
-            epoch, self._feed_body = self._epoch, 0
-            try:
-                self._parser.feed_data(piece)
-            except httptools.HttpParserUpgrade:
-                self._stop_parsing(None)  # answer the request, then close: the rest is not HTTP
+            if not self._feed_piece(view[start : start + _SLICE]):
                 return
-            except httptools.HttpParserCallbackError:
-                refusal, self._refusal = self._refusal, None
-                if refusal is None:  # a defect of this module, not of the request
-                    log.error("unexpected error in the HTTP parser's callbacks")
-                    refusal = GatewayError(
-                        "the gateway failed; it has been logged", code="internal_error", status=500
-                    )
-                self._stop_parsing(refusal)
-                return
-            except httptools.HttpParserError as exc:
-                self._stop_parsing(
-                    GatewayError(
-                        f"the request could not be read as HTTP/1.1 ({exc})", code="bad_request", status=400
-                    )
+
+    def _feed_piece(self, piece: bytes | memoryview) -> bool:
+        """Parse one piece; False when parsing stopped."""
+        epoch, self._feed_body = self._epoch, 0
+        try:
+            self._parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            self._stop_parsing(None)  # answer the request, then close: the rest is not HTTP
+            return False
+        except httptools.HttpParserCallbackError:
+            refusal, self._refusal = self._refusal, None
+            if refusal is None:  # a defect of this module, not of the request
+                log.error("unexpected error in the HTTP parser's callbacks")
+                refusal = GatewayError(
+                    "the gateway failed; it has been logged", code="internal_error", status=500
                 )
-                return
-            if epoch == self._epoch and self._parsing is not None:  # the whole slice inside one phase
-                self._count_slice(len(piece))
-                if self._parser_done:
-                    return
-            if self._queue and (self._busy or len(self._queue) > 1):
-                self._hold()
+            self._stop_parsing(refusal)
+            return False
+        except httptools.HttpParserError as exc:
+            self._stop_parsing(
+                GatewayError(
+                    f"the request could not be read as HTTP/1.1 ({exc})", code="bad_request", status=400
+                )
+            )
+            return False
+        if epoch == self._epoch and self._parsing is not None:  # the whole piece inside one phase
+            self._count_slice(len(piece))
+            if self._parser_done:
+                return False
+        if self._queue and (self._busy or len(self._queue) > 1):
+            self._hold()
+        return True
 
     def _count_slice(self, size: int) -> None:
         """Bytes the parser buffers without a callback: a header line still arriving, or a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from cryptography import x509
 from sqlalchemy import select
@@ -37,6 +38,14 @@ class ClientCert:
     not_before: dt.datetime
     not_after: dt.datetime
     der: bytes
+
+    @cached_property
+    def valid_from(self) -> float:
+        return self.not_before.timestamp()
+
+    @cached_property
+    def valid_until(self) -> float:
+        return self.not_after.timestamp()
 
 
 @dataclass(frozen=True)
