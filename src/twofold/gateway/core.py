@@ -12,7 +12,6 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 
@@ -75,9 +74,6 @@ class Gateway:
         self.limits = self.config.limits
         self.connections = Connections()
         self.snapshot: Snapshot | None = None
-        # metric children by labels: looking them up costs more than counting
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        self._latency: dict[str, Any] = {}
         self._last_poll = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -206,15 +202,7 @@ class Gateway:
     ) -> None:
         """Metrics and the access-log line of one request (never a body or a header value)."""
         env = facts.environment
-        key = (env, outcome.product or "-", outcome.code)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.metrics.requests.labels(*key)
-        counter.inc()
-        latency = self._latency.get(env)
-        if latency is None:
-            latency = self._latency[env] = self.metrics.latency.labels(env)
-        latency.observe(elapsed)
+        self.metrics.requests.count(env, outcome.product or "-", outcome.code, elapsed)
         if self.config.access_log:
             access_log.info(
                 json.dumps(

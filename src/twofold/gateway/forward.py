@@ -19,17 +19,18 @@ from twofold.gateway.snapshot import Product
 from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, UpstreamResponse, serialise
 from twofold.registry.service import Registry
 
-_RESPONSE_HOP_BY_HOP = frozenset(
+# Response headers never relayed (the gateway frames the answer itself), lower case.
+_NOT_RELAYED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
     }
 )
 
@@ -43,6 +44,8 @@ class Response:
     headers: list[tuple[str, str]]
     body: bytes
     head_length: int | None = None  # answering HEAD: the length the upstream declared
+    relayed: bytes = b""  # header lines relayed from an upstream as received, before `headers`
+    dated: bool = False  # `relayed` has a Date
 
 
 def json_response(status: int, data: Any, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -150,7 +153,7 @@ class Forwarder:
             answer = waiter.result()
         except (TimeoutError, UpstreamError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(answer.status, answer.headers, answer.body, forwarded, outcome)
+        return self._answer(answer.status, answer.fields, answer.body, forwarded, outcome)
 
     async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
         if product.upstream.startswith("sandbox:"):
@@ -164,12 +167,12 @@ class Forwarder:
                         forwarded.method, path, target.host_header, forwarded.headers, forwarded.body
                     )
                     answer = await self.pool.request(target.host, target.port, request)
-                    status, upstream_headers, content = answer.status, answer.headers, answer.body
+                    status, fields, content = answer.status, answer.fields, answer.body
                 else:
-                    status, upstream_headers, content = await self._aiohttp(target, path, forwarded)
+                    status, fields, content = await self._aiohttp(target, path, forwarded)
         except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(status, upstream_headers, content, forwarded, outcome)
+        return self._answer(status, fields, content, forwarded, outcome)
 
     def _failed(self, product: Product, exc: Exception) -> GatewayError:
         if isinstance(exc, TimeoutError):
@@ -186,29 +189,29 @@ class Forwarder:
 
     @staticmethod
     def _answer(
-        status: int,
-        upstream_headers: list[tuple[str, str]],
-        content: bytes,
-        forwarded: Forwarded,
-        outcome: Outcome,
+        status: int, fields: list[bytes], content: bytes, forwarded: Forwarded, outcome: Outcome
     ) -> Response:
-        headers, typed, declared = [], False, ""
-        for name, value in upstream_headers:
+        """The upstream's answer to relay: its header lines as received, without framing."""
+        relayed, typed, dated, declared = [], False, False, b""
+        for i in range(0, len(fields), 2):
+            name = fields[i]
             lower = name.lower()
-            if lower in _RESPONSE_HOP_BY_HOP:
-                if lower == "content-length":
-                    declared = value
+            if lower in _NOT_RELAYED:
+                if lower == b"content-length":
+                    declared = fields[i + 1]
                 continue
-            typed = typed or lower == "content-type"
-            headers.append((name, value))
-        if not typed:
-            headers.append(("Content-Type", "application/json"))
+            if lower == b"content-type":
+                typed = True
+            elif lower == b"date":
+                dated = True
+            relayed.append(b"%s: %s\r\n" % (name, fields[i + 1]))
         if status >= 500:
             outcome.code = f"upstream_{status}"
         head_length = None
         if forwarded.method == "HEAD":  # no body, but the length a GET would have
             head_length = int(declared) if declared.isdigit() else None
-        return Response(status, headers, content, head_length)
+        headers = [] if typed else [("Content-Type", "application/json")]
+        return Response(status, headers, content, head_length, b"".join(relayed), dated)
 
     async def _sandbox(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
         sandbox = SANDBOXES.get(product.upstream.split(":", 1)[1])
@@ -223,7 +226,7 @@ class Forwarder:
 
     async def _aiohttp(
         self, target: Target, path: str, forwarded: Forwarded
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
+    ) -> tuple[int, list[bytes], bytes]:
         assert self._session is not None
         async with self._session.request(
             forwarded.method,
@@ -240,4 +243,7 @@ class Forwarder:
                 if size > MAX_RESPONSE:
                     raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
                 chunks.append(chunk)
-            return upstream.status, list(upstream.headers.items()), b"".join(chunks)
+            fields: list[bytes] = []
+            for name, value in upstream.raw_headers:
+                fields += (name, value)
+            return upstream.status, fields, b"".join(chunks)

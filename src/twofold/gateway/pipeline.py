@@ -92,14 +92,14 @@ class Outcome:
     code: str = "ok"
 
 
-@dataclass(frozen=True, slots=True)
 class Admitted:
     """A request that passed every step before its body: who calls, which product, and
     the snapshot that decided it (the later steps use the same one)."""
 
-    snapshot: Snapshot
-    client: ClientCert
-    product: Product
+    __slots__ = ("client", "product", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, client: ClientCert, product: Product) -> None:
+        self.snapshot, self.client, self.product = snapshot, client, product
 
 
 def forwardable(name: str) -> bool:

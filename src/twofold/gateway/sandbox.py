@@ -13,7 +13,7 @@ from twofold.errors import TwofoldError
 from twofold.registry.service import Registry
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built for every request: a frozen dataclass costs a microsecond more
 class Forwarded:
     """What the gateway passes to an upstream after every check."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import cast
 
 import httptools
@@ -23,17 +22,30 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_SECONDS = 4.0  # below common upstream keep-alive timeouts (nginx 75 s, many apps 5 s)
 MAX_IDLE_PER_HOST = 64
+SWEEP_SECONDS = 0.1  # how often deadlines of exchanges are checked
+_HEADER_WEIGHT = MAX_HEADER_BYTES // MAX_HEADERS // 2  # every header line costs at least this much
 
 
 class UpstreamError(Exception):
     """The upstream could not be reached, broke the protocol, or sent too much."""
 
 
-@dataclass(frozen=True)
 class UpstreamResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
+    """The final response: status, header fields as received (name, value, name, value …,
+    raw bytes: relaying them needs no decoding), and the whole body."""
+
+    __slots__ = ("body", "fields", "status")
+
+    def __init__(self, status: int, fields: list[bytes], body: bytes) -> None:
+        self.status, self.fields, self.body = status, fields, body
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        fields = self.fields
+        return [
+            (fields[i].decode("latin-1"), fields[i + 1].decode("utf-8", "surrogateescape"))
+            for i in range(0, len(fields), 2)
+        ]
 
 
 class _Connection(asyncio.Protocol):
@@ -48,8 +60,8 @@ class _Connection(asyncio.Protocol):
         self._pool, self._key = pool, key
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._headers: list[tuple[str, str]] = []
+        self.deadline: float | None = None  # of the exchange in progress (the pool checks it)
+        self._fields: list[bytes] = []
         self._body: list[bytes] = []
         self._size = 0
         self._header_bytes = 0
@@ -85,8 +97,8 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamError("the upstream closed the connection"))
 
     def _delimited_by_close(self) -> bool:
-        names = {name.lower() for name, _ in self._headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        names = {name.lower() for name in self._fields[::2]}
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -96,11 +108,12 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the upstream sent more than one response to one request"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADERS:
+        self._header_bytes += len(name) + len(value) + _HEADER_WEIGHT  # so that many tiny ones count too
+        if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(UpstreamError("the upstream's response headers are too many or too large"))
             return
-        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self._fields.append(name)
+        self._fields.append(value)
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -124,28 +137,29 @@ class _Connection(asyncio.Protocol):
 
     def _response(self) -> UpstreamResponse:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        return UpstreamResponse(self._parser.get_status_code(), self._headers, body)
+        return UpstreamResponse(self._parser.get_status_code(), self._fields, body)
 
     def _reset(self) -> None:
-        self._headers, self._body, self._size, self._header_bytes = [], [], 0, 0
+        self._fields, self._body, self._size, self._header_bytes = [], [], 0, 0
         self._complete = self._headers_done = self._interim = False
 
     # use
     def start(self, request: bytes, waiter: asyncio.Future[UpstreamResponse], timeout: float | None) -> None:
         """Send the request; ``waiter`` gets the response, or an :class:`UpstreamError` (a
-        ``TimeoutError`` after ``timeout`` seconds)."""
+        ``TimeoutError`` once ``timeout`` seconds have passed)."""
         assert self.transport is not None
         self._waiter = waiter
         self._reset()
         if timeout is not None:
-            self._timer = waiter.get_loop().call_later(timeout, self._timed_out)
+            self.deadline = time.monotonic() + timeout
+            self._pool.timed.add(self)
         self.transport.write(request)
 
     def _finish(self, response: UpstreamResponse, *, reuse: bool) -> None:
         waiter, self._waiter = self._waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.deadline is not None:
+            self.deadline = None
+            self._pool.timed.discard(self)
         if reuse and not self.closed:
             self._pool.release(self)
         else:
@@ -153,15 +167,14 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
         self._fail(TimeoutError())
 
     def _fail(self, error: Exception) -> None:
         waiter, self._waiter = self._waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.deadline is not None:
+            self.deadline = None
+            self._pool.timed.discard(self)
         self._abort()
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
@@ -183,6 +196,16 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self.timed: set[_Connection] = set()  # exchanges with a deadline
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep(self) -> None:
+        """Time out exchanges past their deadline (a timer per request costs more)."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = time.monotonic()
+            for connection in [c for c in self.timed if c.deadline is not None and c.deadline <= now]:
+                connection.timed_out()
 
     def _idle_connection(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -198,7 +221,9 @@ class UpstreamPool:
 
     def release(self, connection: _Connection) -> None:
         connection.idle_since = time.monotonic()
-        idle = self._idle.setdefault(connection._key, deque())
+        idle = self._idle.get(connection._key)
+        if idle is None:
+            idle = self._idle[connection._key] = deque()
         if len(idle) < MAX_IDLE_PER_HOST:
             idle.append(connection)
         else:
@@ -213,7 +238,10 @@ class UpstreamPool:
         if connection is None:
             return None
         assert connection.transport is not None
-        waiter: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if timeout is not None and self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        waiter: asyncio.Future[UpstreamResponse] = loop.create_future()
         connection.start(request, waiter, timeout)
         return waiter
 
@@ -241,6 +269,9 @@ class UpstreamPool:
             raise
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()

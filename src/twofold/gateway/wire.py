@@ -50,8 +50,8 @@ class _Clock:
 def serialise_response(response: Response, *, head_only: bool, close: bool) -> bytes:
     """Status line, headers, framing and (unless answering HEAD) the body, in one buffer."""
     status, body = response.status, response.body
-    parts = [_status_line(status)]
-    has_date = False
+    parts = [_status_line(status), response.relayed]
+    has_date = response.dated
     for name, value in response.headers:
         if not has_date and len(name) == 4 and name.lower() == "date":
             has_date = True
