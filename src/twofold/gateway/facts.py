@@ -54,25 +54,20 @@ class RequestHead:
         pipeline reads are picked out in one pass (the first of each)."""
         path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
         head = cls(method, raw_path, path, query, headers)
-        seen = set()
+        picked: set[str] = set()
         for name, value in headers:
-            lower = name.lower()
-            if lower in _PICKED and lower not in seen:
-                seen.add(lower)
-                if lower == "content-type":
-                    head.content_type = value
-                elif lower == "content-length":
-                    if not value.isdigit():
-                        raise ValueError("Content-Length is not a number")
-                    head.content_length = int(value)
-                elif lower == "transfer-encoding":
-                    head.chunked = "chunked" in value.lower()
-                elif lower == "content-encoding":
-                    head.content_encoding = value
-                elif lower == "expect":
-                    head.expect = value
-                else:
-                    head.request_id = value
+            field = _PICKED.get(name.lower())
+            if field is None or field in picked:
+                continue
+            picked.add(field)
+            if field == "content_length":
+                if not value.isdigit():
+                    raise ValueError("Content-Length is not a number")
+                head.content_length = int(value)
+            elif field == "chunked":
+                head.chunked = "chunked" in value.lower()
+            else:
+                setattr(head, field, value)
         return head
 
     def header(self, name: str) -> str | None:
@@ -93,6 +88,11 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
-_PICKED = frozenset(
-    {"content-type", "content-length", "transfer-encoding", "content-encoding", "expect", "x-request-id"}
-)
+_PICKED = {  # header → the field it sets
+    "content-type": "content_type",
+    "content-length": "content_length",
+    "transfer-encoding": "chunked",
+    "content-encoding": "content_encoding",
+    "expect": "expect",
+    "x-request-id": "request_id",
+}

@@ -16,23 +16,15 @@ from yarl import URL
 from twofold.gateway.pipeline import GatewayError, Outcome
 from twofold.gateway.sandbox import SANDBOXES, Forwarded
 from twofold.gateway.snapshot import Product
-from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, UpstreamResponse, serialise
-from twofold.registry.service import Registry
-
-# Response headers never relayed (the gateway frames the answer itself), lower case.
-_NOT_RELAYED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
+from twofold.gateway.upstream import (
+    MAX_RESPONSE,
+    ResponseHead,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    serialise,
 )
+from twofold.registry.service import Registry
 
 
 @dataclass(slots=True)
@@ -153,7 +145,7 @@ class Forwarder:
             answer = waiter.result()
         except (TimeoutError, UpstreamError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(answer.status, answer.fields, answer.body, forwarded, outcome)
+        return self._answer(answer, forwarded, outcome)
 
     async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
         if product.upstream.startswith("sandbox:"):
@@ -167,12 +159,11 @@ class Forwarder:
                         forwarded.method, path, target.host_header, forwarded.headers, forwarded.body
                     )
                     answer = await self.pool.request(target.host, target.port, request)
-                    status, fields, content = answer.status, answer.fields, answer.body
                 else:
-                    status, fields, content = await self._aiohttp(target, path, forwarded)
+                    answer = await self._aiohttp(target, path, forwarded)
         except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(status, fields, content, forwarded, outcome)
+        return self._answer(answer, forwarded, outcome)
 
     def _failed(self, product: Product, exc: Exception) -> GatewayError:
         if isinstance(exc, TimeoutError):
@@ -188,30 +179,16 @@ class Forwarder:
         )
 
     @staticmethod
-    def _answer(
-        status: int, fields: list[bytes], content: bytes, forwarded: Forwarded, outcome: Outcome
-    ) -> Response:
+    def _answer(answer: UpstreamResponse, forwarded: Forwarded, outcome: Outcome) -> Response:
         """The upstream's answer to relay: its header lines as received, without framing."""
-        relayed, typed, dated, declared = [], False, False, b""
-        for i in range(0, len(fields), 2):
-            name = fields[i]
-            lower = name.lower()
-            if lower in _NOT_RELAYED:
-                if lower == b"content-length":
-                    declared = fields[i + 1]
-                continue
-            if lower == b"content-type":
-                typed = True
-            elif lower == b"date":
-                dated = True
-            relayed.append(b"%s: %s\r\n" % (name, fields[i + 1]))
+        status, head = answer.status, answer.head
         if status >= 500:
             outcome.code = f"upstream_{status}"
         head_length = None
         if forwarded.method == "HEAD":  # no body, but the length a GET would have
-            head_length = int(declared) if declared.isdigit() else None
-        headers = [] if typed else [("Content-Type", "application/json")]
-        return Response(status, headers, content, head_length, b"".join(relayed), dated)
+            head_length = int(head.length) if head.length.isdigit() else None
+        headers = [] if head.typed else [("Content-Type", "application/json")]
+        return Response(status, headers, answer.body, head_length, b"".join(head.lines), head.dated)
 
     async def _sandbox(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
         sandbox = SANDBOXES.get(product.upstream.split(":", 1)[1])
@@ -224,9 +201,7 @@ class Forwarder:
             outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
         return json_response(status, data, [("X-Request-Id", forwarded.headers["X-Request-Id"])])
 
-    async def _aiohttp(
-        self, target: Target, path: str, forwarded: Forwarded
-    ) -> tuple[int, list[bytes], bytes]:
+    async def _aiohttp(self, target: Target, path: str, forwarded: Forwarded) -> UpstreamResponse:
         assert self._session is not None
         async with self._session.request(
             forwarded.method,
@@ -237,13 +212,14 @@ class Forwarder:
         ) as upstream:
             if (upstream.content_length or 0) > MAX_RESPONSE:
                 raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
+            head = ResponseHead()
+            for name, value in upstream.raw_headers:
+                if not head.add(name, value):
+                    raise UpstreamError("the upstream's response headers are too many or too large")
             chunks, size = [], 0
             async for chunk in upstream.content.iter_chunked(65536):
                 size += len(chunk)
                 if size > MAX_RESPONSE:
                     raise UpstreamError(f"the upstream's response is larger than {MAX_RESPONSE} bytes")
                 chunks.append(chunk)
-            fields: list[bytes] = []
-            for name, value in upstream.raw_headers:
-                fields += (name, value)
-            return upstream.status, fields, b"".join(chunks)
+            return UpstreamResponse(upstream.status, head, b"".join(chunks))

@@ -15,8 +15,10 @@ import re
 import secrets
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from json.scanner import make_scanner
+from typing import Any, cast
 
 from twofold.errors import JWSError, TwofoldError
 from twofold.gateway.facts import ConnectionFacts, RequestHead
@@ -105,12 +107,20 @@ class Admitted:
 def forwardable(name: str) -> bool:
     """A client header the upstream may see. Names with '_' are dropped (as nginx does):
     CGI-style upstreams read ``X_Twofold_Organisation`` as the gateway's own header."""
-    lower = name.lower()
-    return (
-        "_" not in lower
-        and lower not in _NOT_FORWARDED
-        and not lower.startswith(("x-twofold-", "x-ssl-", "x-client-"))
-    )
+    decided = _forwardable.get(name)
+    if decided is None:
+        lower = name.lower()
+        decided = (
+            "_" not in lower
+            and lower not in _NOT_FORWARDED
+            and not lower.startswith(("x-twofold-", "x-ssl-", "x-client-"))
+        )
+        if len(_forwardable) < 4096:  # names as clients spell them: few, and the same every time
+            _forwardable[name] = decided
+    return decided
+
+
+_forwardable: dict[str, bool] = {}
 
 
 # --- identify ---------------------------------------------------------------------------------
@@ -298,7 +308,23 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
 
 
-_STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
+_SCAN_JSON = cast(  # the C scanner that json.loads uses, without its wrappers
+    Callable[[str, int], tuple[Any, int]], make_scanner(cast(Any, json.JSONDecoder(parse_constant=_not_json)))
+)
+_JSON_SPACE = " \t\n\r"
+
+
+def check_json(payload: bytes) -> None:
+    """Raises ValueError (or UnicodeDecodeError, RecursionError) unless ``payload`` is one
+    UTF-8 JSON text (RFC 8259: no NaN or Infinity)."""
+    text = payload.decode("utf-8")
+    start = len(text) - len(text.lstrip(_JSON_SPACE)) if text[:1] in _JSON_SPACE else 0
+    try:
+        _value, end = _SCAN_JSON(text, start)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        raise ValueError("more than one JSON text")
 
 
 def verify_signature(
@@ -326,7 +352,7 @@ def verify_signature(
             )
         raise GatewayError(message, code=error.code, status=status) from None
     try:
-        _STRICT_JSON.decode(verified.payload.decode("utf-8"))
+        check_json(verified.payload)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise GatewayError(
             "the signed payload is not JSON (or is nested too deeply); sign the JSON request body",

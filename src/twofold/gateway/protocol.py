@@ -110,7 +110,13 @@ class GatewayProtocol(asyncio.Protocol):
         self.environment = environment
         self.limits = limits
         self.facts: ConnectionFacts | None = None
-        self._raw_headers: list[bytes] = []
+        self._headers: list[tuple[str, str]] = []
+        self._max_field, self._max_fields, self._max_head = (
+            limits.max_field,
+            limits.max_fields,
+            limits.max_head,
+        )
+        self._max_body = limits.max_body
         self._task: asyncio.Task[None] | None = None
         self._on_open, self._on_close = on_open, on_close
         self._transport: asyncio.Transport | None = None
@@ -233,7 +239,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._parsing = _Request()
-        self._target, self._raw_headers = [], []
+        self._target, self._headers = [], []
         self._target_size = self._head_bytes = self._fields = 0
         self._epoch += 1
         self._set_deadline(_HEAD, self.limits.header_timeout)
@@ -247,37 +253,27 @@ class GatewayProtocol(asyncio.Protocol):
         self._target.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._parsing
-        assert request is not None
         size = len(name) + len(value)
-        if request.head is not None:  # a trailer of a chunked body: framing, never forwarded
+        request = self._parsing
+        if request is not None and request.head is not None:  # a trailer of a chunked body: framing
             request.framing += size
             return
         self._fields += 1
         self._head_bytes += size
-        if (
-            size > self.limits.max_field
-            or self._fields > self.limits.max_fields
-            or self._head_bytes > self.limits.max_head
-        ):
+        if size > self._max_field or self._fields > self._max_fields or self._head_bytes > self._max_head:
             self._refuse(
                 400,
                 "headers_too_large",
                 f"the request's headers are too large (at most {self.limits.max_fields} headers of "
                 f"{self.limits.max_field} bytes, {self.limits.max_head} bytes in all)",
             )
-        self._raw_headers.append(name)
-        self._raw_headers.append(value)
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
-        raw = self._raw_headers
-        headers = [
-            (raw[i].decode("latin-1"), raw[i + 1].decode("utf-8", "surrogateescape"))
-            for i in range(0, len(raw), 2)
-        ]
-        target = b"".join(self._target).decode("latin-1")
+        headers = self._headers
+        target = (self._target[0] if len(self._target) == 1 else b"".join(self._target)).decode("latin-1")
         if not target.startswith("/"):  # absolute-form, authority-form, '*'
             try:
                 url = httptools.parse_url(target.encode("latin-1"))
@@ -287,8 +283,9 @@ class GatewayProtocol(asyncio.Protocol):
                 "?" + url.query.decode("latin-1") if url.query else ""
             )
         path, _, query = target.partition("?")
-        query = query.partition("#")[0]
-        path = path.partition("#")[0]
+        if "#" in target:
+            query = query.partition("#")[0]
+            path = path.partition("#")[0]
         method = self._parser.get_method().decode("ascii")
         try:
             head = RequestHead.parse_target(method, path, query, headers)
@@ -312,7 +309,7 @@ class GatewayProtocol(asyncio.Protocol):
         size = len(body)
         self._feed_body += size
         request.size += size
-        if request.size > self.limits.max_body:
+        if request.size > self._max_body:
             request.body = []
             self._refuse(413, "body_too_large", f"the body is larger than {self.limits.max_body} bytes")
         if not request.discard:

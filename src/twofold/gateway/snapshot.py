@@ -58,12 +58,6 @@ class Product:
     content_types: frozenset[str]
     algorithms: tuple[str, ...]
 
-    def matches(self, lowered_path: str) -> bool:
-        """``lowered_path`` is the request path in lower case: matching ignores case, so that
-        an upstream that ignores case cannot see ``/Payments`` as anything but this product."""
-        prefix = self.prefix.lower()
-        return lowered_path == prefix or lowered_path.startswith(prefix + "/") or prefix == "/"
-
 
 @dataclass(frozen=True)
 class EnvView:
@@ -88,11 +82,18 @@ class Snapshot:
     _verifiers: dict[tuple[int, str, tuple[str, ...]], jws.Verifier] = field(default_factory=dict)
 
     def product_for(self, path: str) -> Product | None:
+        """The product whose prefix is the longest that matches whole segments, in any case."""
         lowered = path.lower()
-        for product in self.products:
-            if product.matches(lowered):
+        for prefix, below, product in self._prefixes:
+            if lowered.startswith(below) or lowered == prefix:
                 return product
         return None
+
+    @cached_property
+    def _prefixes(self) -> tuple[tuple[str, str, Product], ...]:
+        return tuple(
+            (p.prefix.lower(), "" if p.prefix == "/" else p.prefix.lower() + "/", p) for p in self.products
+        )
 
     def verifier(
         self, org_id: int, env: str, algorithms: tuple[str, ...], max_size: int

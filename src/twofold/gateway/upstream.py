@@ -30,22 +30,68 @@ class UpstreamError(Exception):
     """The upstream could not be reached, broke the protocol, or sent too much."""
 
 
+# Response header fields a proxy never relays (hop-by-hop, and the framing it sets itself).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+
+
+class ResponseHead:
+    """A response's header fields as they arrive: the lines to relay kept as received
+    (``Name: value\\r\\n``, nothing decoded), the framing remembered apart."""
+
+    __slots__ = ("dated", "framed", "length", "lines", "size", "typed")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.length = b""  # Content-Length as sent
+        self.framed = False  # a Transfer-Encoding
+        self.typed = self.dated = False  # a Content-Type, a Date among the lines
+        self.size = 0
+
+    def add(self, name: bytes, value: bytes) -> bool:
+        """False once the fields are too many or too large."""
+        self.size += len(name) + len(value) + _HEADER_WEIGHT  # so that many tiny ones count too
+        if self.size > MAX_HEADER_BYTES:
+            return False
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"content-length":
+                self.length = value
+            elif lower == b"transfer-encoding":
+                self.framed = True
+            return True
+        if lower == b"content-type":
+            self.typed = True
+        elif lower == b"date":
+            self.dated = True
+        self.lines.append(name + b": " + value + b"\r\n")
+        return True
+
+
 class UpstreamResponse:
-    """The final response: status, header fields as received (name, value, name, value …,
-    raw bytes: relaying them needs no decoding), and the whole body."""
+    __slots__ = ("body", "head", "status")
 
-    __slots__ = ("body", "fields", "status")
-
-    def __init__(self, status: int, fields: list[bytes], body: bytes) -> None:
-        self.status, self.fields, self.body = status, fields, body
+    def __init__(self, status: int, head: ResponseHead, body: bytes) -> None:
+        self.status, self.head, self.body = status, head, body
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        fields = self.fields
-        return [
-            (fields[i].decode("latin-1"), fields[i + 1].decode("utf-8", "surrogateescape"))
-            for i in range(0, len(fields), 2)
-        ]
+        """The relayable fields decoded, and Content-Length when there was one."""
+        pairs = [line.rstrip(b"\r\n").partition(b": ")[::2] for line in self.head.lines]
+        if self.head.length:
+            pairs.append((b"Content-Length", self.head.length))
+        return [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in pairs]
 
 
 class _Connection(asyncio.Protocol):
@@ -61,10 +107,9 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
         self.deadline: float | None = None  # of the exchange in progress (the pool checks it)
-        self._fields: list[bytes] = []
+        self._head = ResponseHead()
         self._body: list[bytes] = []
         self._size = 0
-        self._header_bytes = 0
         self._complete = False
         self._headers_done = False
         self._interim = False  # a 1xx response (103 Early Hints …): the real one follows
@@ -97,8 +142,7 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamError("the upstream closed the connection"))
 
     def _delimited_by_close(self) -> bool:
-        names = {name.lower() for name in self._fields[::2]}
-        return b"content-length" not in names and b"transfer-encoding" not in names
+        return not self._head.length and not self._head.framed
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -108,12 +152,8 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the upstream sent more than one response to one request"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + _HEADER_WEIGHT  # so that many tiny ones count too
-        if self._header_bytes > MAX_HEADER_BYTES:
+        if not self._head.add(name, value):
             self._fail(UpstreamError("the upstream's response headers are too many or too large"))
-            return
-        self._fields.append(name)
-        self._fields.append(value)
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -137,10 +177,10 @@ class _Connection(asyncio.Protocol):
 
     def _response(self) -> UpstreamResponse:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        return UpstreamResponse(self._parser.get_status_code(), self._fields, body)
+        return UpstreamResponse(self._parser.get_status_code(), self._head, body)
 
     def _reset(self) -> None:
-        self._fields, self._body, self._size, self._header_bytes = [], [], 0, 0
+        self._head, self._body, self._size = ResponseHead(), [], 0
         self._complete = self._headers_done = self._interim = False
 
     # use
@@ -282,11 +322,13 @@ def serialise(method: str, target: str, host_header: str, headers: dict[str, str
     """An HTTP/1.1 request in one buffer. Header values were received by the gateway's
     parser (llhttp refuses CR/LF; undecodable bytes come back as they were sent); values the
     gateway adds are its own."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    for name, value in headers.items():
-        lines.append(f"{name}: {value}\r\n")
-    if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    head = "".join(lines).encode("utf-8", "surrogateescape")
-    return head + body if body else head
+    fields = _FIELDS(map(_FIELD, headers.items()))
+    length = f"Content-Length: {len(body)}\r\n" if body or method in ("POST", "PUT", "PATCH") else ""
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n{fields}{_CRLF if fields else ''}{length}\r\n"
+    )
+    data = head.encode("utf-8", "surrogateescape")
+    return data + body if body else data
+
+
+_FIELD, _FIELDS, _CRLF = ": ".join, "\r\n".join, "\r\n"

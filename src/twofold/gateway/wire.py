@@ -47,16 +47,16 @@ class _Clock:
         return cls.value
 
 
+_FIELD, _FIELDS = ": ".join, "\r\n".join
+
+
 def serialise_response(response: Response, *, head_only: bool, close: bool) -> bytes:
     """Status line, headers, framing and (unless answering HEAD) the body, in one buffer."""
     status, body = response.status, response.body
     parts = [_status_line(status), response.relayed]
-    has_date = response.dated
-    for name, value in response.headers:
-        if not has_date and len(name) == 4 and name.lower() == "date":
-            has_date = True
-        parts.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-    if not has_date:
+    if response.headers:  # the gateway's own (never a Date: that comes from the clock or the upstream)
+        parts.append(f"{_FIELDS(map(_FIELD, response.headers))}\r\n".encode("utf-8", "surrogateescape"))
+    if not response.dated:
         parts.append(_Clock.date())
     if status >= 200 and status != 204:
         length = response.head_length if response.head_length is not None else len(body)
