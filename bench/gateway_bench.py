@@ -38,7 +38,7 @@ against an nginx location that answers ``return 200`` itself over the same mTLS 
 connections), and how much CPU processes outside the bench took meanwhile.
 
 Targets (exit status 1 when one is missed, after printing everything): with ``--workers W``
-on both sides, new handshakes/s ≥ 0.9× nginx and keep-alive signed requests/s ≥ 0.5× nginx.
+on both sides, new handshakes/s ≥ 0.9× nginx and keep-alive signed requests/s ≥ 0.4× nginx.
 Exit status 2: the set-up or a sanity check failed, nothing was measured.
 
     .venv/bin/python bench/gateway_bench.py [--rounds 7] [--seconds 3] [--workers 2]
@@ -82,7 +82,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 HANDSHAKE_TARGET = 0.9
-KEEPALIVE_TARGET = 0.5
+KEEPALIVE_TARGET = 0.4  # issue 10
 PATH = "/tsapi/v1/payments"
 ENV = "cat"
 
@@ -817,7 +817,8 @@ def machine_facts() -> dict[str, Any]:
     return {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "twofold": importlib.metadata.version("twofold"),
-        "aiohttp": importlib.metadata.version("aiohttp"),
+        "httptools": importlib.metadata.version("httptools"),
+        "uvloop": importlib.metadata.version("uvloop"),
         "nginx": _version([NGINX, "-v"], r"nginx/(\S+)"),
         "openssl": _version(["openssl", "version"], r"OpenSSL (\S+)"),
         "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
@@ -837,7 +838,8 @@ def describe_run(facts: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.handshake_clients} × `openssl s_time -new`. Client certificate "
         f"{'RSA-2048' if args.client_key == 'rsa' else 'EC P-256'} (pinned), server certificate EC P-256 "
         f"(twofold's local CA, the same file for both); TLS 1.3 negotiated. Upstream: nginx `return 200` "
-        f"(1 worker, keep-alive). twofold {facts['twofold']} (aiohttp {facts['aiohttp']}, uvloop, "
+        f"(1 worker, keep-alive). twofold {facts['twofold']} (its own HTTP/1.1 core on uvloop "
+        f"{facts['uvloop']} + httptools {facts['httptools']}, "
         f"{facts['python']}), nginx {facts['nginx']}, OpenSSL {facts['openssl']}; "
         f"{facts['cpus_usable']}/{facts['cpu_count']} CPUs ({facts['cpu_model']}), load {facts['load_average']}"
     )
@@ -1108,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent(
             """\
-            Targets: handshakes ≥ 0.9× nginx and keep-alive signed requests ≥ 0.5× nginx,
+            Targets: handshakes ≥ 0.9× nginx and keep-alive signed requests ≥ 0.4× nginx,
             with --workers on both sides. Exit 1 when one is missed, 2 when the set-up failed."""
         ),
     )

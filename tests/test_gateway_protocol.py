@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatewaykit import LARGE, RawClient, World, http_request, payment, running_world, wait_until
+from gatewaykit import LARGE, MAX_BODY, RawClient, World, http_request, payment, running_world, wait_until
 from twofold.crypto import jws
 
 JOSE = {"Content-Type": "application/jose"}
@@ -92,6 +92,27 @@ def test_a_chunked_signed_body_is_verified_and_forwarded_as_its_payload(world: W
     assert answer.status == 200, answer
     [seen] = world.upstream.since(mark)
     assert seen.body == payload
+
+
+def test_bodies_near_the_limit_and_in_many_small_chunks_arrive_whole(world: World) -> None:
+    """Bodies read in many pieces: a signed body just under the limit (64 KB), and a chunked
+    body of 2,000 chunks of 30 bytes (its framing is far more than its extensions allow)."""
+    big = json.dumps({"pad": "x" * (MAX_BODY * 2 // 3)}).encode()  # its JWS: ~90% of the limit
+    small_chunks = json.dumps({"items": ["y" * 20] * 2000}).encode()
+    framed = b"".join(
+        b"%x\r\n%s\r\n" % (len(small_chunks[i : i + 30]), small_chunks[i : i + 30])
+        for i in range(0, len(small_chunks), 30)
+    )
+    mark = world.upstream.count()
+    with RawClient(world) as client:
+        client.send(http_request("POST", "/recorded/big", signed(world, big), JOSE))
+        client.send(
+            b"POST /plain/chunks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+        )
+        answers = client.answers(2)
+    assert [a.status for a in answers] == [200, 200], answers
+    assert [s.body for s in world.upstream.since(mark)] == [big, small_chunks]
 
 
 def test_head_answers_carry_the_length_but_no_body_and_keep_the_connection(world: World) -> None:

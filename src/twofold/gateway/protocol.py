@@ -162,10 +162,6 @@ class GatewayProtocol(asyncio.Protocol):
         return self.facts
 
     def data_received(self, data: bytes) -> None:
-        if self._held or self._parser_done:
-            if not self._parser_done:
-                self._backlog.append(data)
-            return
         self._feed(data)
         self._advance()
 
@@ -335,6 +331,10 @@ class GatewayProtocol(asyncio.Protocol):
         raise _Refused
 
     def _feed(self, data: bytes) -> None:
+        if self._held or self._parser_done:  # feeding the backlog, and it filled the queue again
+            if not self._parser_done:
+                self._backlog.append(data)
+            return
         if len(data) <= _SLICE:  # the common case: one piece
             self._feed_piece(data)
             return
@@ -445,7 +445,8 @@ class GatewayProtocol(asyncio.Protocol):
     # --- answering ------------------------------------------------------------------------------
 
     def _advance(self) -> None:
-        """Answer queued requests in order, as far as possible without waiting."""
+        """Answer queued requests in order, as far as possible without waiting; then read
+        on if the first request needs more bytes."""
         while self._queue and not self._busy and not self._write_paused and not self._closing:
             request = self._queue[0]
             if not request.responded:
@@ -455,23 +456,22 @@ class GatewayProtocol(asyncio.Protocol):
                     self._admit(request)
                 elif request.complete:
                     self._start(request)
-                    if self._busy:
-                        return
-                if not request.responded:
-                    return  # its body is still coming
+                if self._busy or not request.responded:
+                    break  # being forwarded, or its body is still coming
             if not request.complete:
-                return  # answered early: its body is read and dropped
+                break  # answered early: its body is read and dropped
             self._queue.popleft()
             if request.close or not request.keep_alive or (self._parser_done and not self._queue):
                 self._close()
                 return
-        if not self._queue and not self._busy and not self._closing:
-            if self._parsing is None and self.waiting_for != _SEND:
-                self._set_deadline(_IDLE, self.limits.keepalive_timeout)
-            if self._held and not self._write_paused:
-                self._release()
-                if self._queue:
-                    self._advance()
+        if self._closing:
+            return
+        if not self._queue and not self._busy and self._parsing is None and self.waiting_for != _SEND:
+            self._set_deadline(_IDLE, self.limits.keepalive_timeout)
+        if self._held and not self._write_paused and not self._busy and len(self._queue) <= 1:
+            self._release()  # nothing queued ahead: read (the first request's body, or the next one)
+            if self._queue and not self._busy:
+                self._advance()
 
     def _admit(self, request: _Request) -> None:
         head = request.head
