@@ -130,7 +130,7 @@ class Listener:
         self._failures = metrics.handshake_failures.labels(env)
         self._shed = metrics.connections_dropped.labels(env, "shed")
         self._full = metrics.connections_dropped.labels(env, "full")
-        self._gauge = metrics.connections.labels(env)
+        metrics.connections.labels(env).set_function(lambda: self.open)  # read when scraped
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -197,7 +197,6 @@ class Listener:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.open += 1
         connections.open += 1
-        self._gauge.inc()
         handshake = _Handshake(self, sock)
         self.pending[handshake] = None
         handshake.task = asyncio.get_running_loop().create_task(self._handshake(handshake))
@@ -241,7 +240,6 @@ class Listener:
     def _release(self) -> None:
         self.open -= 1
         self.connections.open -= 1
-        self._gauge.dec()
         if self._closing and self.open <= 0:
             self._drained.set()
 
@@ -274,6 +272,7 @@ async def serve_environment(
     gateway: Gateway, env: str, host: str, port: int, *, reuse_port: bool = False
 ) -> Listener:
     """Start the TLS listener of one environment; :func:`close_listener` stops it."""
+    gateway.listening_context(env)  # built now, not on the first handshake
     listener = Listener(gateway, env, gateway.limits, gateway.config.max_connections, gateway.connections)
     await listener.start(host, port, reuse_port=reuse_port)
     return listener

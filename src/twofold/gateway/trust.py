@@ -46,11 +46,11 @@ class Trust:
         context of its environment."""
         if env in self.listening:
             return self.listening[env]
-        context = self._context(snapshot.trusted_certificates(env))
+        context = self._newest.get(env) or self._context(snapshot.trusted_certificates(env))
 
-        def switch(ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        def switch(ssl_object: ssl.SSLObject, _name: str | None, current: ssl.SSLContext) -> None:
             newest = self._newest.get(env)
-            if newest is not None:
+            if newest is not None and newest is not current:  # nothing to switch while trust is unchanged
                 ssl_object.context = newest
 
         context.sni_callback = switch
