@@ -150,6 +150,22 @@ def test_a_body_sent_too_slowly_is_cut_off_at_the_body_timeout(world: World) -> 
     assert world.upstream.since(mark) == []
 
 
+def test_a_body_queued_behind_a_slow_request_is_not_timed_out_while_the_gateway_waits(world: World) -> None:
+    """The gateway stops reading while it forwards a request with another queued: the
+    queued request's body deadline starts when the gateway reads again, not before."""
+    body = b'{"queued": true}'
+    head = http_request("POST", "/plain/queued", body, JSON)[: -len(body)]
+    with RawClient(world) as client:
+        client.send(http_request("GET", "/slow/first") + head + body[:3])  # the upstream times out after 1 s
+        time.sleep(BODY_TIMEOUT + 0.6)
+        client.send(body[3:])
+        answers = client.answers(2, timeout=10)
+    assert [(a.status, error_code(a.body) if a.status >= 400 else "") for a in answers] == [
+        (504, "upstream_timeout"),
+        (200, ""),
+    ], answers
+
+
 def test_idle_connections_are_closed_at_the_keepalive_timeout(world: World) -> None:
     with RawClient(world) as client:
         client.send(http_request("GET", "/accessapi/balance"))

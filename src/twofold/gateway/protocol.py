@@ -431,6 +431,8 @@ class GatewayProtocol(asyncio.Protocol):
         if not self._held and self._transport is not None and not self._closing:
             self._held = True
             self._transport.pause_reading()
+            if self.waiting_for in (_HEAD, _BODY):
+                self.deadline = None  # this side stopped reading: the client is not late
 
     def _release(self) -> None:
         if not self._held or self._closing:
@@ -441,6 +443,12 @@ class GatewayProtocol(asyncio.Protocol):
             self._feed(data)
         if not self._held and not self._parser_done and self._transport is not None:
             self._transport.resume_reading()
+            request = self._parsing
+            if request is not None and self.deadline is None:  # the client's time starts again
+                if request.head is None:
+                    self._set_deadline(_HEAD, self.limits.header_timeout)
+                else:
+                    self._set_deadline(_BODY, self.limits.body_timeout)
 
     # --- answering ------------------------------------------------------------------------------
 
