@@ -30,6 +30,7 @@ from yarl import URL
 from twofold.crypto.certs import fingerprint_sha256
 from twofold.crypto.keys import PrivateKey
 from twofold.errors import JWSError, TwofoldError
+from twofold.gateway.calls import CallRecorder
 from twofold.gateway.metrics import Metrics
 from twofold.gateway.sandbox import SANDBOXES, Forwarded
 from twofold.gateway.snapshot import ClientCert, Product, Snapshot, load_snapshot
@@ -132,10 +133,12 @@ class _Outcome:
     """What the access log and metrics record about one request (never bodies or headers)."""
 
     org: str | None = None
+    org_id: int | None = None
     fingerprint: str | None = None
     product: str | None = None
     signature_fingerprint: str | None = None
     code: str = "ok"
+    message: str | None = None  # the refusal message (recent calls on the dashboard)
 
 
 class Gateway:
@@ -163,6 +166,7 @@ class Gateway:
         self._last_poll = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.calls = CallRecorder(registry.record_calls)  # recent calls for the dashboards
 
     # --- snapshot and TLS trust -----------------------------------------------------------
 
@@ -262,6 +266,7 @@ class Gateway:
             cookie_jar=aiohttp.DummyCookieJar(),  # shared by every organisation: never keep cookies
         )
         self._tasks.append(asyncio.create_task(self.watch()))
+        self.calls.start()
         if not is_sqlite(self.registry.url):
             self._tasks.append(asyncio.create_task(self.listen_notifications()))
 
@@ -271,6 +276,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.calls.stop()
         if self._session is not None:
             await self._session.close()
         self._pool.close()
@@ -300,7 +306,7 @@ class Gateway:
         try:
             response = await self._process(request, env, outcome)
         except TwofoldError as error:
-            outcome.code = error.code
+            outcome.code, outcome.message = error.code, error.message
             response = _json_error(error.status, error.code, error.message)
         except web.HTTPRequestEntityTooLarge:
             outcome.code = "body_too_large"
@@ -321,6 +327,7 @@ class Gateway:
         product = outcome.product or "-"
         self.metrics.requests.labels(env, product, outcome.code).inc()
         self.metrics.latency.labels(env).observe(elapsed)
+        self.calls.record(env, outcome, request.method, request.path, response.status)
         if self.config.access_log:
             access_log.info(
                 json.dumps(
@@ -346,7 +353,7 @@ class Gateway:
         snapshot = self.snapshot
         assert snapshot is not None
         client = self._identify(request, env, snapshot)
-        outcome.org, outcome.fingerprint = client.org, client.fingerprint
+        outcome.org, outcome.org_id, outcome.fingerprint = client.org, client.org_id, client.fingerprint
         _check_path(request.path, request.rel_url.raw_path)
         product = snapshot.product_for(request.path)
         if product is None:
@@ -520,6 +527,7 @@ class Gateway:
             status, data = await sandbox(self.registry, forwarded, forwarded.path[len(product.prefix) :])
             if status >= 400 and isinstance(data, dict):
                 outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
+                outcome.message = str(data.get("error", {}).get("message", "")) or None
             return web.json_response(
                 data, status=status, headers={"X-Request-Id": forwarded.headers["X-Request-Id"]}
             )

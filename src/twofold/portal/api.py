@@ -9,67 +9,29 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from twofold import __version__
-from twofold.portal.web import REGISTRY, require_operator, require_principal
+from twofold.portal.api_accounts import ACCOUNT_ROUTES
+from twofold.portal.api_base import Route, _field, _json_body, _registry
+from twofold.portal.web import require_operator, require_principal
 from twofold.registry.rules import RegistryError
-from twofold.registry.service import Registry
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    who: str = "any user"  # shown in the OpenAPI description
-    body: dict[str, Any] | None = None  # JSON schema of the request body
-    query: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _registry(request: web.Request) -> Registry:
-    return request.app[REGISTRY]
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("the request body is not valid JSON", code="bad_json") from None
-    if not isinstance(body, dict):
-        raise RegistryError("the request body must be a JSON object", code="bad_json")
-    return body
-
-
-def _field(
-    body: dict[str, Any], name: str, kind: type = str, *, required: bool = True, default: Any = None
-) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        if required:
-            raise RegistryError(f"the field {name!r} is required", code="field_missing")
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RegistryError(f"the field {name!r} must be a {kind.__name__}", code="field_invalid")
-    return value
-
 
 # --- handlers ------------------------------------------------------------------------------
 
 
 async def me(request: web.Request) -> web.Response:
     who = require_principal(request)
-    return web.json_response({"email": who.name, "organisation": who.org_slug, "roles": sorted(who.roles)})
+    return web.json_response(
+        {
+            "email": who.name,
+            "organisation": who.org_slug,
+            "roles": sorted(who.roles),
+            "second_factor": who.mfa_enrolled,
+        }
+    )
 
 
 async def environments(request: web.Request) -> web.Response:
@@ -492,6 +454,7 @@ ROUTES: list[Route] = [
         query=("expect_head",),
         tags=("audit",),
     ),
+    *ACCOUNT_ROUTES,
 ]
 
 

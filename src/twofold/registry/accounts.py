@@ -51,6 +51,8 @@ def user_view(row: User, org_slug: str | None) -> dict[str, Any]:
         "roles": roles,
         "role_labels": [ROLE_LABELS[r] for r in roles],
         "active": row.active,
+        "pending_activation": bool(row.pending_activation),
+        "second_factor": row.totp_enabled_at is not None,
         "created_at": row.created_at.isoformat(),
     }
 
@@ -65,7 +67,7 @@ class SessionsMixin(RegistryBase):
 
     # --- authentication ---------------------------------------------------------------------
 
-    async def _principal_for(self, session: AsyncSession, user: User) -> Principal:
+    async def _principal_for(self, session: AsyncSession, user: User, *, mfa_passed: bool) -> Principal:
         slug = None
         if user.org_id is not None:
             slug = (
@@ -78,6 +80,8 @@ class SessionsMixin(RegistryBase):
             slug,
             frozenset(r for r in user.roles.split(",") if r),
             bool(user.must_change_password),
+            mfa_enrolled=user.totp_enabled_at is not None,
+            mfa_passed=mfa_passed,
         )
 
     async def authenticate(self, email: str, password: str) -> Principal:
@@ -87,7 +91,7 @@ class SessionsMixin(RegistryBase):
             ok = await asyncio.to_thread(check_password, user.password_hash if user else None, password)
             if not user or not ok or not user.active:
                 raise Unauthorized("wrong email or password", code="login_failed")
-            return await self._principal_for(session, user)
+            return await self._principal_for(session, user, mfa_passed=False)
 
     async def create_session(self, principal: Principal) -> tuple[str, str]:
         """A new session: (cookie value, CSRF token). Only the cookie's hash is stored."""
@@ -125,7 +129,8 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 return None
-            return await self._principal_for(session, user), row.csrf_token
+            principal = await self._principal_for(session, user, mfa_passed=row.mfa_at is not None)
+            return principal, row.csrf_token
 
     async def end_session(self, cookie: str) -> None:
         async def work(session: AsyncSession) -> None:
@@ -135,6 +140,7 @@ class SessionsMixin(RegistryBase):
 
     async def create_token(self, actor: Principal, name: str = "api", *, for_email: str | None = None) -> str:
         """A personal API token (shown once). Operators may create one for another user."""
+        self._need_second_factor(actor)
         token = new_secret(TOKEN_PREFIX)
 
         async def work(session: AsyncSession) -> None:
@@ -179,7 +185,7 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 raise Unauthorized("the API token's user is deactivated", code="token_invalid")
-            principal = await self._principal_for(session, user)
+            principal = await self._principal_for(session, user, mfa_passed=True)
         return principal
 
     async def list_tokens(self, actor: Principal) -> list[dict[str, Any]]:
@@ -324,6 +330,7 @@ class AccountsMixin(SessionsMixin):
             user = await self._user_by_email(session, email)
             user.password_hash = hashed
             user.must_change_password = one_time
+            user.pending_activation = False  # an operator's one-time password activates too
             await session.execute(delete(Session).where(Session.user_id == user.id))
             revoked = 0
             if email != actor.name:  # an operator's reset (a suspected compromise): tokens go too
