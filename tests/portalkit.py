@@ -155,7 +155,9 @@ class PortalServer:
         assert login.status_code == 303, login.text[:300]
         if login.headers["location"].startswith("/login/code"):
             page = client.get("/login/code")
-            posted = client.post("/login/code", data={"csrf_token": csrf_of(page.text), "code": self.totp(email)})
+            posted = client.post(
+                "/login/code", data={"csrf_token": csrf_of(page.text), "code": self.totp(email)}
+            )
             assert posted.status_code == 303, posted.text[:300]
         return csrf_of(client.get("/account/password").text)
 

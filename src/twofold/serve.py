@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import multiprocessing
@@ -58,6 +59,7 @@ class ServeConfig:
     smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
     smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
     mail_from: str = DEFAULT_SENDER
+    link_lifetime_hours: float = 72.0  # how long invitation and password-reset links work
 
     @property
     def db_url(self) -> str:
@@ -66,6 +68,12 @@ class ServeConfig:
     @property
     def public_url(self) -> str:
         return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    @property
+    def link_lifetime(self) -> dt.timedelta:
+        if not 0 < self.link_lifetime_hours <= 24 * 30:
+            raise UsageError("link_lifetime_hours must be more than 0 and at most 720 (30 days)")
+        return dt.timedelta(hours=self.link_lifetime_hours)
 
     def mail_settings(self) -> MailSettings:
         """Checked now, so that a setting that cannot work stops `serve` at start."""
@@ -285,6 +293,7 @@ async def run(
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    config.link_lifetime  # noqa: B018 - checked at start too
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
@@ -306,7 +315,12 @@ async def run(
         portal = web.AppRunner(
             init_app(
                 registry,
-                PortalConfig(gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer),
+                PortalConfig(
+                    gateway_urls=gateway_urls,
+                    public_url=config.public_url,
+                    mailer=mailer,
+                    link_lifetime=config.link_lifetime,
+                ),
             ),
             access_log=None,
             handle_signals=False,

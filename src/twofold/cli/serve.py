@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -11,10 +12,14 @@ from typing import Any
 
 import click
 import httpx
+import pyotp
 
 from twofold.cli._common import err, examples, out
 from twofold.client import AsyncClient
 from twofold.crypto import certs, keys
+from twofold.errors import UsageError
+from twofold.mail import make_mailer
+from twofold.portal.mails import send_link
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
 from twofold.serve import ServeConfig, run, serve
@@ -113,8 +118,39 @@ async def _portal_up(url: str, cacert: Path) -> bool:
         return False
 
 
+def _html_value(html: str, pattern: str) -> str:
+    match = re.search(pattern, html)
+    if match is None:
+        raise UsageError("the portal's page did not look as expected; is it the same twofold version?")
+    return match.group(1)
+
+
+async def _activate(portal: str, ca: Path, link_path: str, email: str) -> str:
+    """What the invited person does in the browser, over the portal's pages: open the link,
+    choose a password, set up the authenticator (the code computed from the shown key), and
+    create an API token on the API tokens page. Returns the token."""
+    password = secrets.token_urlsafe(16)
+    async with httpx.AsyncClient(base_url=portal, verify=str(ca), timeout=30) as browser:
+        (await browser.get(link_path)).raise_for_status()
+        chosen = await browser.post(link_path, data={"new_password": password, "confirm_password": password})
+        if chosen.status_code != 303:
+            raise UsageError(f"activating {email} failed: HTTP {chosen.status_code}")
+        enrol = await browser.get("/account/mfa")
+        secret = _html_value(enrol.text, r'id="mfa-secret"[^>]*>([A-Z2-7]+)<')
+        csrf = _html_value(enrol.text, r'name="csrf_token" value="([^"]+)"')
+        codes = await browser.post(
+            "/account/mfa", data={"csrf_token": csrf, "code": pyotp.TOTP(secret).now()}
+        )
+        if codes.status_code != 201:
+            raise UsageError(f"setting up the second factor failed: HTTP {codes.status_code}")
+        out.print(f"password chosen, authenticator set up (key {secret[:4]}…), 10 recovery codes shown once")
+        page = await browser.post("/tokens", data={"csrf_token": csrf, "name": "demo"})
+        return _html_value(page.text, r'id="new-token"[^>]*>([^<]+)<')
+
+
 async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
     ca = config.data / "ca" / "ca.crt"
+    mailer = make_mailer(config.mail_settings(), config.data)
     registry = await Registry.open(config.db_url, migrate=False)
     try:
         envs = {e["id"]: e for e in await registry.list_environments()}
@@ -123,18 +159,28 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
         email = f"security@{org}.example"
         _step(
             1,
-            f"Create the organisation {org} and a user with the API Security and Developer roles",
-            f"twofold admin org add {org} && twofold admin user add --org {org} --email {email} "
+            f"The operator creates the organisation {org} and invites its API Security user",
+            f"twofold admin org add {org} && twofold admin user invite --org {org} --email {email} "
             "--role api_security --role developer",
         )
         await registry.add_org(SYSTEM, org, f"Demo {org}")
-        await registry.add_user(SYSTEM, email, org=org, roles=["api_security", "developer"], password=None)
-        token = await registry.create_token(SYSTEM, "demo", for_email=email)
-        out.print(f"created {org} and {email}; API token {token[:10]}…")
+        link = await registry.invite(
+            SYSTEM, email, org=org, roles=["api_security", "developer"], lifetime=config.link_lifetime
+        )
+        where = await send_link(mailer, config.public_url, link)
+        out.print(f"invitation for {email}: {where}")
     finally:
         await registry.close()
+    _step(
+        2,
+        "The invited user opens the link: chooses a password, sets up the authenticator app, "
+        "creates an API token",
+        f"open the link from the mail ({portal}/account/link/…) in a browser",
+    )
+    token = await _activate(portal, ca, link.path, email)
+    out.print(f"signed in as {email}; API token {token[:10]}…")
 
-    _step(2, "Generate mTLS and Digital Signature credentials", f"twofold init --cn {org}-cat --out {work}")
+    _step(3, "Generate mTLS and Digital Signature credentials", f"twofold init --cn {org}-cat --out {work}")
     material: dict[str, Any] = {}
     for use, cn in (("mtls", f"{org}-cat"), ("signature", f"{org}-cat-sign")):
         key = keys.generate_private_key()
@@ -151,7 +197,7 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=portal, verify=str(ca), headers=headers, timeout=30) as api:
         _step(
-            3,
+            4,
             "Register both certificates through the portal API",
             f"twofold portal cert add --env cat --use mtls {work}/mtls.crt  (and --use signature)",
         )
@@ -163,7 +209,7 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
             response.raise_for_status()
             row = response.json()
             out.print(f"registered {row['use_label']}: {row['common_name']} ({row['fingerprint'][:16]}…)")
-        _step(4, "Create a project with the balance and payments API products in Client Testing")
+        _step(5, "Create a project with the balance and payments API products in Client Testing")
         project = (await api.post("/api/v1/projects", json={"name": "Treasury integration"})).json()
         for product in ("balance", "payments"):
             (await api.put(f"/api/v1/projects/{project['id']}/products/cat/{product}")).raise_for_status()
@@ -174,7 +220,7 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
     sign_key, sign_cert = material["signature"]
     async with AsyncClient(gateway, cert=mtls_cert, key=mtls_key, verify=str(ca), timeout=30) as plain:
         _step(
-            5,
+            6,
             "Call the balance API over mTLS, without a signature",
             f"curl --cert {work}/mtls.crt --key {work}/mtls.key --cacert {ca} {gateway}/accessapi/balance",
         )
@@ -200,7 +246,7 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
         timeout=30,
     ) as signed:
         _step(
-            6,
+            7,
             "Initiate a payment with a signed body (JWS RS256, application/jose)",
             f"twofold call {gateway}/tsapi/v1/payments -d @payment.json --cert {work}/mtls.crt --key "
             f"{work}/mtls.key --sign-key {work}/sign.key --cacert {ca}",
@@ -209,13 +255,27 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
         out.print(f"HTTP {response.status_code}")
         _show(response.json())
         _step(
-            7,
+            8,
             "Query the payment's status",
             f"twofold call '{gateway}/tsapi/v1/payments/status?endToEndId={e2e}' …",
         )
         response = await signed.get("/tsapi/v1/payments/status", params={"endToEndId": e2e})
         out.print(f"HTTP {response.status_code}")
         _show(response.json())
+    await asyncio.sleep(1.5)  # the gateway stores its calls about once a second
+    async with httpx.AsyncClient(base_url=portal, verify=str(ca), headers=headers, timeout=30) as api:
+        _step(
+            9,
+            "The dashboard: the onboarding checklist and the recent gateway calls",
+            f"open {portal}/dashboard",
+        )
+        board = (await api.get("/api/v1/dashboard", params={"env": "cat"})).json()
+        for item in board["checklist"]:
+            out.print(f"  {'✓' if item['done'] else '○'} {item['label']}")
+        for call in board["calls"][:5]:
+            out.print(
+                f"  {call['at'][11:19]} {call['method']:<5} {call['path']:<32} {call['status']} {call['outcome']}"
+            )
     out.print(
         f"\n[bold green]Demo complete.[/] Credentials are in {work}; the organisation {org} stays in the registry."
     )
@@ -224,8 +284,10 @@ async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
 @click.command(
     "demo",
     help="Walk the seed flow against a running `twofold serve` (or start one for the walk): "
-    "create an organisation and an API Security user, generate credentials, register them through "
-    "the portal API, call the balance API, initiate a signed payment, query its status."
+    "create an organisation and invite its API Security user (the mail goes where the serve's mail "
+    "goes), activate the account through the link as the person would (password, authenticator "
+    "app, API token), generate credentials, register them through the portal API, call the balance "
+    "API, initiate a signed payment, query its status, and show the dashboard."
     + examples("twofold demo", "twofold demo --data /var/lib/twofold"),
 )
 @click.option("--data", default="data", show_default=True, help="Data directory of the serve to use.")
