@@ -43,8 +43,8 @@ from portalkit import (
 )
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
-from twofold.portal import api
 from twofold.mail import OutboxMailer
+from twofold.portal import api
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal

@@ -8,9 +8,8 @@ manage certificates; Developers manage projects; operators manage the platform.
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest

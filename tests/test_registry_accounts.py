@@ -63,15 +63,19 @@ async def _enrolled(registry: Registry, clock: Clock, email: str) -> tuple[str, 
 async def test_an_invitation_activates_once_and_signs_the_user_in(registry: Registry, clock: Clock) -> None:
     acme = await make_org(registry, "acme")
     link = await registry.invite(SYSTEM, "new@acme.example", org="acme", roles=["api_security"])
-    assert link.purpose == "activate" and link.organisation == "Acme Ltd"
+    assert link.purpose == "activate"
+    assert link.organisation == "Acme Ltd"
     assert link.expires_at - clock() > dt.timedelta(hours=71.9)
     (pending,) = await registry.list_invitations(acme.security)
-    assert pending["email"] == "new@acme.example" and not pending["link_expired"]
+    assert pending["email"] == "new@acme.example"
+    assert not pending["link_expired"]
     with pytest.raises(Unauthorized):  # no password yet: cannot sign in
         await registry.authenticate("new@acme.example", "")
     assert (await registry.check_link(link.token))["mfa_required"] is True
     who, done = await registry.use_link(link.token, PASSWORD)
-    assert who.name == "new@acme.example" and who.org_slug == "acme" and who.mfa_required
+    assert who.name == "new@acme.example"
+    assert who.org_slug == "acme"
+    assert who.mfa_required
     assert done["purpose"] == "activate"
     assert await registry.list_invitations(SYSTEM) == []
     assert (await registry.authenticate("new@acme.example", PASSWORD)).name == "new@acme.example"
@@ -94,7 +98,8 @@ async def test_links_expire_and_tampered_links_are_refused_alike(registry: Regis
     for bad in (tampered, link.token[:20], ""):
         with pytest.raises(LinkInvalid) as refused:
             await registry.check_link(bad)
-        assert refused.value.status == 410 and "ask for a new one" in refused.value.message
+        assert refused.value.status == 410
+        assert "ask for a new one" in refused.value.message
     clock.move(minutes=2)
     with pytest.raises(LinkInvalid) as expired:
         await registry.use_link(link.token, PASSWORD)
@@ -102,7 +107,8 @@ async def test_links_expire_and_tampered_links_are_refused_alike(registry: Regis
     assert (await registry.list_invitations(SYSTEM))[0]["link_expired"] is True
     # A new link replaces the old one; the old one stays dead.
     fresh = await registry.request_link("late@acme.example")
-    assert fresh is not None and fresh.purpose == "activate"
+    assert fresh is not None
+    assert fresh.purpose == "activate"
     await registry.use_link(fresh.token, PASSWORD)
 
 
@@ -172,7 +178,8 @@ async def test_password_reset_by_link_signs_out_and_keeps_tokens_and_second_fact
     token = await registry.create_token(acme.security)
     assert await registry.request_link("nobody@acme.example") is None  # unknown: nothing to send
     link = await registry.request_link(email)
-    assert link is not None and link.purpose == "reset"
+    assert link is not None
+    assert link.purpose == "reset"
     assert await registry.request_link(email) is None  # at most one a minute
     clock.move(seconds=61)
     newer = await registry.request_link(email)
@@ -184,7 +191,8 @@ async def test_password_reset_by_link_signs_out_and_keeps_tokens_and_second_fact
     assert weak.value.code == "password_weak"
     who, done = await registry.use_link(newer.token, PASSWORD + " new")
     assert done == {"purpose": "reset", "sessions_ended": 2, "tokens_kept": 1, "second_factor_kept": True}
-    assert who.mfa_enrolled and not who.mfa_passed
+    assert who.mfa_enrolled
+    assert not who.mfa_passed
     assert await registry.session_principal(cookie) is None
     assert (await registry.token_principal(token)).name == email
     await registry.set_active(SYSTEM, email, active=False)
@@ -199,7 +207,8 @@ async def test_totp_codes_work_once_within_their_window(registry: Registry, cloc
     email = acme.security.name
     secret, _codes = await _enrolled(registry, clock, email)
     who, cookie = await _session_of(registry, email)
-    assert who.mfa_enrolled and who.needs_second_factor
+    assert who.mfa_enrolled
+    assert who.needs_second_factor
     totp = pyotp.TOTP(secret)
     with pytest.raises(Unauthorized) as wrong:
         await registry.mfa_verify(cookie, "000000" if totp.at(clock()) != "000000" else "111111")
@@ -207,7 +216,9 @@ async def test_totp_codes_work_once_within_their_window(registry: Registry, cloc
     code = totp.at(clock())
     assert (await registry.mfa_verify(cookie, code))["method"] == "totp"
     found = await registry.session_principal(cookie)
-    assert found is not None and found[0].mfa_passed and not found[0].needs_second_factor
+    assert found is not None
+    assert found[0].mfa_passed
+    assert not found[0].needs_second_factor
     _who, other = await _session_of(registry, email)
     with pytest.raises(Unauthorized):  # the same code again, still inside its window
         await registry.mfa_verify(other, code)
@@ -224,7 +235,8 @@ async def test_totp_codes_work_once_within_their_window(registry: Registry, cloc
 async def test_recovery_codes_work_once_each(registry: Registry, clock: Clock) -> None:
     acme = await make_org(registry, "acme")
     _secret, codes = await _enrolled(registry, clock, acme.security.name)
-    assert len(codes) == 10 and len(set(codes)) == 10
+    assert len(codes) == 10
+    assert len(set(codes)) == 10
     _who, cookie = await _session_of(registry, acme.security.name)
     result = await registry.mfa_verify(cookie, codes[0].upper())  # case and dashes do not matter
     assert result == {"method": "recovery_code", "recovery_codes_left": 9}
@@ -279,11 +291,13 @@ async def test_an_operator_resets_a_lost_second_factor(registry: Registry, clock
     assert await registry.mfa_reset(ops, email) == {"email": email, "had_second_factor": True}
     assert await registry.session_principal(cookie) is None  # signed out everywhere
     who, cookie = await _session_of(registry, email)
-    assert not who.mfa_enrolled and who.needs_second_factor  # enrols again
+    assert not who.mfa_enrolled
+    assert who.needs_second_factor
     with pytest.raises(RegistryError):
         await registry.mfa_verify(cookie, codes[2])  # the old recovery codes are gone
     (entry,) = [e for e in await registry.audit_entries(SYSTEM) if e["action"] == "user.mfa_reset"]
-    assert entry["actor"] == ops.name and entry["object_id"] == email
+    assert entry["actor"] == ops.name
+    assert entry["object_id"] == email
     assert (await registry.verify_audit()).ok
 
 
@@ -324,7 +338,8 @@ async def test_calls_are_kept_per_organisation_and_pruned_to_the_newest(
     assert mine[-1]["path"] == "/accessapi/balance/20"
     assert len((await table_rows(registry))["gateway_calls"]) == KEEP + 1
     (theirs,) = await registry.recent_calls(globex.security, "cat")
-    assert theirs["message"] == "signature does not verify" and theirs["status"] == 401
+    assert theirs["message"] == "signature does not verify"
+    assert theirs["status"] == 401
     assert await registry.recent_calls(acme.developer, "cat", org="globex") == mine  # ?org= is for operators
     overview = await registry.overview(SYSTEM)
     assert {(r["outcome"], r["count"]) for r in overview["refused_last_hour"]} == {
@@ -371,7 +386,8 @@ async def test_the_checklist_follows_the_registry(registry: Registry, clock: Clo
     board = await registry.dashboard(dev, "cat")
     assert board["complete"] is True
     (expiring,) = board["expiring"]
-    assert expiring["common_name"] == "acme-client" and expiring["days_left"] in (19, 20)
+    assert expiring["common_name"] == "acme-client"
+    assert expiring["days_left"] in (19, 20)
     assert done(await registry.dashboard(dev, "prod")) == dict.fromkeys(
         ("project", "mtls", "signature", "call"), False
     )
@@ -417,10 +433,14 @@ async def test_migration_0003_upgrades_an_existing_database(registry_url: str) -
         found = await upgraded.session_principal("old-cookie")
         assert found is not None
         who, csrf = found
-        assert csrf == "csrf" and who.name == "old@acme.example"
-        assert not who.mfa_enrolled and not who.mfa_passed and who.needs_second_factor
+        assert csrf == "csrf"
+        assert who.name == "old@acme.example"
+        assert not who.mfa_enrolled
+        assert not who.mfa_passed
+        assert who.needs_second_factor
         (user,) = await upgraded.list_users(SYSTEM)
-        assert user["pending_activation"] is False and user["second_factor"] is False
+        assert user["pending_activation"] is False
+        assert user["second_factor"] is False
         assert (await upgraded.authenticate("old@acme.example", PASSWORD)).name == "old@acme.example"
         await upgraded.record_calls([_call(1)])
         assert len(await upgraded.recent_calls(who, "cat")) == 1
