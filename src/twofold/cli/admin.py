@@ -182,7 +182,8 @@ def user_invite(
     from twofold.portal.mails import send_link
     from twofold.serve import ServeConfig
 
-    config = ServeConfig.load(config_file, data=data, db=db)
+    explicit = click.get_current_context().get_parameter_source("data") != click.core.ParameterSource.DEFAULT
+    config = ServeConfig.load(config_file, data=data if explicit or not config_file else None, db=db)
     mailer = make_mailer(config.mail_settings(), config.data)
 
     async def work(registry: Registry) -> tuple[Any, str]:

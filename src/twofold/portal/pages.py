@@ -188,8 +188,9 @@ async def login(request: web.Request) -> web.StreamResponse:
         return await render(request, "login.html", context, status=401, error=error)
     cookie, _csrf = await _registry(request).create_session(who)
     if who.mfa_enrolled:
-        # The attempts are forgiven only once the code passes: wrong codes count with wrong
+        # Earlier failures are forgiven only once the code passes: wrong codes count with wrong
         # passwords, so the password cannot be used to reset the count for code guessing.
+        limiter.refund(address, email)
         raise start_session(request, cookie, f"{CODE_PAGE}?next={quote(next_url)}")
     limiter.succeeded(address, email)
     raise start_session(request, cookie, next_url)

@@ -128,6 +128,14 @@ class LoginLimiter:
         if overall:
             overall.pop()
 
+    def refund(self, address: str, email: str) -> None:
+        """A correct password that still needs its second factor: that attempt does not
+        count, the failures before it still do (until the code passes)."""
+        for key in ((address, email.lower()), (address, "*")):
+            times = self._attempts.get(key)
+            if times:
+                times.pop()
+
     def _evict(self, now: float) -> None:
         """Bounded memory under a flood of distinct keys: drop expired keys, then the oldest."""
         for key in [k for k, times in self._attempts.items() if not times or times[-1] < now - self.window]:
