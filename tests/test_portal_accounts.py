@@ -16,7 +16,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import pyotp
 import pytest
 from click.testing import CliRunner
 
