@@ -60,6 +60,7 @@ def _minute(at: dt.datetime) -> dt.datetime:
 
 def call_view(row: GatewayCall) -> dict[str, Any]:
     return {
+        "id": row.id,
         "at": row.at.isoformat(timespec="seconds"),
         "environment": row.environment_id,
         "product": row.product,
