@@ -79,7 +79,7 @@ def same_site_form(request: web.Request, what: str) -> None:
     """Forms that work without a session (sign-in, links): browsers say where a form came
     from; another site must not post them for a visitor. Scripts send no Sec-Fetch-Site."""
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        raise Forbidden(f"{what} from the portal's own page", code="cross_site_login")
+        raise Forbidden(what, code="cross_site_login")
 
 
 async def _form(request: web.Request) -> dict[str, Any]:
@@ -166,7 +166,7 @@ async def login_page(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     # Login CSRF: another site must not sign a visitor in to an account of its choosing (whose
     # organisation would then receive the visitor's certificates).
-    same_site_form(request, "sign in")
+    same_site_form(request, "sign in from the portal's own sign-in page")
     form = await request.post()
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))

@@ -126,7 +126,7 @@ async def recover_page(request: web.Request) -> web.Response:
 async def recover(request: web.Request) -> web.Response:
     """One answer whatever the address: whether an account exists is not revealed, and the
     mail goes out in the background so the answer's timing does not tell either."""
-    same_site_form(request, "ask for a link")
+    same_site_form(request, "ask for a link from the portal's own page")
     form = await request.post()
     email = str(form.get("email", "")).strip()
     limiter, address = request.app[LIMITER], client_address(request)
@@ -160,7 +160,7 @@ async def link_page(request: web.Request) -> web.Response:
 
 @routes.post("/account/link/{token}")
 async def use_link(request: web.Request) -> web.StreamResponse:
-    same_site_form(request, "choose the password")
+    same_site_form(request, "choose the password on the portal's own page")
     token = request.match_info["token"]
     form = await request.post()
     new, confirm = str(form.get("new_password", "")), str(form.get("confirm_password", ""))
