@@ -247,7 +247,7 @@ class CallsMixin(RegistryBase):
                 "item": "call",
                 "label": "A successful call through the gateway",
                 "done": first is not None,
-                "detail": f"first on {first.at.isoformat(timespec='seconds')}" if first else None,
+                "detail": f"first on {first.at:%Y-%m-%d %H:%M} UTC" if first else None,
                 "link": "#calls",
             },
         ]
