@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from twofold.portal.api_base import Route, _field, _json_body, _registry
-from twofold.portal.mails import send_link
+from twofold.portal.mails import require_mailer, send_link
 from twofold.portal.web import CONFIG, require_operator, require_principal
 from twofold.registry.rules import RegistryError
 
@@ -29,6 +29,7 @@ async def invite(request: web.Request) -> web.Response:
     who = require_principal(request)
     body = await _json_body(request)
     config = request.app[CONFIG]
+    require_mailer(config.mailer)
     link = await _registry(request).invite(
         who,
         _field(body, "email"),

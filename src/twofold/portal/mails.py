@@ -55,14 +55,20 @@ def compose(link: Link, public_url: str, title: str = "twofold developer portal"
     )
 
 
-async def send_link(mailer: Mailer | None, public_url: str, link: Link) -> str:
-    """Send the link; returns where the message went (an outbox file, or the SMTP server)."""
+def require_mailer(mailer: Mailer | None) -> Mailer:
+    """Checked before an invitation is made, so that none is made that cannot be sent."""
     if mailer is None:
         raise TwofoldError(
             "this portal sends no mail; an operator can hand out a one-time password instead",
             code="mail_unavailable",
             status=503,
         )
+    return mailer
+
+
+async def send_link(mailer: Mailer | None, public_url: str, link: Link) -> str:
+    """Send the link; returns where the message went (an outbox file, or the SMTP server)."""
+    mailer = require_mailer(mailer)
     subject, text = compose(link, public_url)
     return await mailer.send([link.email], subject, text)
 

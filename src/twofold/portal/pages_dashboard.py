@@ -10,7 +10,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from twofold.errors import TwofoldError
-from twofold.portal.mails import send_link
+from twofold.portal.mails import require_mailer, send_link
 from twofold.portal.pages import _admin, _form, _operator, _redirect, _registry, _signed_in, render
 from twofold.portal.web import CONFIG, error_status
 from twofold.registry.auth import Principal
@@ -42,6 +42,7 @@ async def dashboard(request: web.Request) -> web.Response:
 async def _invite(request: web.Request, who: Principal, form: dict[str, Any], roles: list[str]) -> str:
     """Create the invitation and send its mail; returns the flash message."""
     config = request.app[CONFIG]
+    require_mailer(config.mailer)
     link = await _registry(request).invite(
         who,
         str(form.get("email", "")),
