@@ -1,10 +1,12 @@
 """Recording the gateway's calls for the dashboards, off the request path.
 
-The hook (:meth:`CallRecorder.record`) costs one tuple and one append to a bounded deque per
-request: no I/O, no formatting, no locks. A background task takes what has queued every
-``interval`` seconds and writes it in one transaction through
-:meth:`~twofold.registry.service.Registry.record_calls` (which keeps the newest 100 calls per
-organisation and environment, so the dashboard survives a restart). When the registry is
+The hook (:meth:`CallRecorder.record`) costs one tuple and one append to a deque per request:
+no I/O, no formatting, no locks. A background task takes what has queued every ``interval``
+seconds, collapses it — the newest 100 calls per organisation and environment (the dashboard
+shows no more; older ones would be pruned at once), refusals as counts per minute and outcome,
+first successes not stored yet — and writes that in one transaction through
+:meth:`~twofold.registry.service.Registry.record_calls`, so the cost of a write is bounded
+whatever the request rate, and the dashboard survives a restart. When the registry is
 unreachable the batch is kept and tried again; when more than ``capacity`` calls are waiting
 the oldest are dropped (and counted), so a database outage cannot grow memory.
 
@@ -21,10 +23,10 @@ import datetime as dt
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from twofold.registry.calls import CallRecord
+from twofold.registry.calls import KEEP, CallBatch, CallRecord
 
 log = logging.getLogger("twofold.gateway.calls")
 
@@ -38,18 +40,19 @@ class Outcome(Protocol):
     message: str | None
 
 
-Writer = Callable[[Sequence[CallRecord]], Awaitable[None]]
+Writer = Callable[[CallBatch], Awaitable[None]]
 
 
 class CallRecorder:
-    def __init__(self, write: Writer, *, capacity: int = 20_000, interval: float = 1.0, batch: int = 2_000):
+    def __init__(self, write: Writer, *, capacity: int = 50_000, interval: float = 1.0) -> None:
         self._write = write
         self._queue: deque[tuple[float, str, Any, str, str, int]] = deque()
         self.capacity = capacity
         self.interval = interval
-        self.batch = batch
         self.dropped = 0
         self.written = 0
+        self._failed: CallBatch | None = None  # a batch the registry did not take yet
+        self._marked: set[tuple[int, str]] = set()  # first successes already stored
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -58,9 +61,11 @@ class CallRecorder:
         self._queue.append((time.time(), env, outcome, method, path, status))
 
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + (len(self._failed) if self._failed else 0)
 
-    def _take(self) -> list[CallRecord]:
+    def _take(self) -> CallBatch:
+        """Everything queued, collapsed: the newest KEEP calls per organisation and
+        environment as records, refusals as counts, first successes not stored yet."""
         queue = self._queue
         excess = len(queue) - self.capacity
         if excess > 0:  # the registry has been away for a while: keep the newest
@@ -68,12 +73,26 @@ class CallRecorder:
                 queue.popleft()
             self.dropped += excess
             log.warning("dropped %d gateway call records (the registry is not taking them)", excess)
-        records = []
-        for _ in range(min(len(queue), self.batch)):
-            at, env, outcome, method, path, status = queue.popleft()
-            records.append(
+        items = [queue.popleft() for _ in range(len(queue))]
+        batch = CallBatch()
+        kept: dict[tuple[int, str], int] = {}
+        chosen = []
+        for item in reversed(items):  # newest first
+            at, env, outcome, _method, _path, status = item
+            org_id = outcome.org_id
+            if status >= 400:
+                batch.refusals[(env, _minute(at), outcome.code)] += 1
+            elif org_id is not None and (org_id, env) not in self._marked:
+                batch.first_ok[(org_id, env)] = _utc(at)  # ends with the oldest
+            if org_id is not None:
+                count = kept.get((org_id, env), 0)
+                if count < KEEP:
+                    kept[(org_id, env)] = count + 1
+                    chosen.append(item)
+        for at, env, outcome, method, path, status in reversed(chosen):
+            batch.calls.append(
                 CallRecord(
-                    at=dt.datetime.fromtimestamp(at, dt.UTC),
+                    at=_utc(at),
                     environment=env,
                     org_id=outcome.org_id,
                     product=outcome.product,
@@ -84,41 +103,32 @@ class CallRecorder:
                     message=outcome.message if status >= 400 else None,
                 )
             )
-        return records
+        return batch
 
     async def flush(self) -> int:
-        """Write everything queued so far; returns how many calls were written."""
+        """Write what is queued (after a batch that failed before); returns how many calls
+        were written (listed or counted)."""
         total = 0
-        while self._queue:
-            records = self._take()
+        for _ in range(2):
+            batch = self._failed or self._take()
+            self._failed = None
+            if not (batch.calls or batch.refusals or batch.first_ok):
+                break
             try:
-                await self._write(records)
+                await self._write(batch)
             except asyncio.CancelledError:
-                self._put_back(records)
+                self._failed = batch
                 raise
             except Exception as exc:
-                self._put_back(records)
+                self._failed = batch
                 log.warning(
-                    "could not store %d gateway calls (%s); will retry", len(records), type(exc).__name__
+                    "could not store %d gateway calls (%s); will retry", len(batch), type(exc).__name__
                 )
                 break
-            total += len(records)
+            self._marked.update(batch.first_ok)
+            total += len(batch)
         self.written += total
         return total
-
-    def _put_back(self, records: list[CallRecord]) -> None:
-        for record in reversed(records):
-            outcome = _Stored(record.org_id, record.product, record.outcome, record.message)
-            self._queue.appendleft(
-                (
-                    record.at.timestamp(),
-                    record.environment,
-                    outcome,
-                    record.method,
-                    record.path,
-                    record.status,
-                )
-            )
 
     async def run(self) -> None:
         while True:
@@ -141,10 +151,9 @@ class CallRecorder:
             await asyncio.wait_for(self.flush(), 10)
 
 
-class _Stored:
-    """An outcome taken back into the queue after a failed write."""
+def _minute(at: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(at - at % 60, dt.UTC)
 
-    __slots__ = ("code", "message", "org_id", "product")
 
-    def __init__(self, org_id: int | None, product: str | None, code: str, message: str | None) -> None:
-        self.org_id, self.product, self.code, self.message = org_id, product, code, message
+def _utc(at: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(at, dt.UTC)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import case, delete, func, insert, select, update
@@ -58,6 +58,38 @@ def _minute(at: dt.datetime) -> dt.datetime:
     return at.replace(second=0, microsecond=0)
 
 
+@dataclass
+class CallBatch:
+    """What one write stores: the calls to list (at most :data:`KEEP` per organisation and
+    environment — older ones would be pruned at once anyway), refusals counted per
+    (environment, minute, outcome) and the first successful call per (organisation,
+    environment). Collapsing a batch first keeps the cost per write bounded whatever the
+    request rate."""
+
+    calls: list[CallRecord] = field(default_factory=list)
+    refusals: Counter[tuple[str, dt.datetime, str]] = field(default_factory=Counter)
+    first_ok: dict[tuple[int, str], dt.datetime] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Sequence[CallRecord]) -> CallBatch:
+        batch = cls()
+        kept: Counter[tuple[int, str]] = Counter()
+        for c in reversed(records):  # newest first
+            if c.status >= 400:
+                batch.refusals[(c.environment, _minute(c.at), c.outcome)] += 1
+            elif c.org_id is not None:
+                batch.first_ok[(c.org_id, c.environment)] = c.at  # ends with the oldest
+            if c.org_id is not None and kept[(c.org_id, c.environment)] < KEEP:
+                kept[(c.org_id, c.environment)] += 1
+                batch.calls.append(c)
+        batch.calls.reverse()
+        return batch
+
+    def __len__(self) -> int:
+        """Calls listed plus refusals counted (a listed refusal is in both)."""
+        return len(self.calls) + sum(self.refusals.values())
+
+
 def call_view(row: GatewayCall) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -75,13 +107,14 @@ def call_view(row: GatewayCall) -> dict[str, Any]:
 class CallsMixin(RegistryBase):
     """Recording gateway calls; the organisation's dashboard and the operators' overview."""
 
-    async def record_calls(self, calls: Sequence[CallRecord]) -> None:
+    async def record_calls(self, calls: Sequence[CallRecord] | CallBatch) -> None:
         """Store a batch of calls in one transaction (called by the gateway's recorder)."""
-        if not calls:
+        batch = calls if isinstance(calls, CallBatch) else CallBatch.of(calls)
+        if not (batch.calls or batch.refusals or batch.first_ok):
             return
 
         async def work(session: AsyncSession) -> None:
-            identified = [c for c in calls if c.org_id is not None]
+            identified = batch.calls
             if identified:
                 await session.execute(
                     insert(GatewayCall),
@@ -100,8 +133,8 @@ class CallsMixin(RegistryBase):
                         for c in identified
                     ],
                 )
-            await self._count_refusals(session, calls)
-            await self._first_successes(session, identified)
+            await self._count_refusals(session, batch.refusals)
+            await self._first_successes(session, batch.first_ok)
             for org_id, env in {(c.org_id, c.environment[:32]) for c in identified}:
                 cutoff = (
                     await session.execute(
@@ -124,10 +157,10 @@ class CallsMixin(RegistryBase):
         await self._tx(work)
 
     @staticmethod
-    async def _count_refusals(session: AsyncSession, calls: Sequence[CallRecord]) -> None:
-        counts = Counter(
-            (c.environment[:32], _minute(c.at), c.outcome[:64]) for c in calls if c.status >= 400
-        )
+    async def _count_refusals(session: AsyncSession, refusals: Counter[tuple[str, dt.datetime, str]]) -> None:
+        counts: Counter[tuple[str, dt.datetime, str]] = Counter()
+        for (env, minute, outcome), count in refusals.items():
+            counts[(env[:32], minute, outcome[:64])] += count
         for (env, minute, outcome), count in counts.items():
             updated = await session.execute(
                 update(GatewayRefusals)
@@ -148,12 +181,9 @@ class CallsMixin(RegistryBase):
         await session.flush()
 
     @staticmethod
-    async def _first_successes(session: AsyncSession, calls: Sequence[CallRecord]) -> None:
-        firsts: dict[tuple[int, str], dt.datetime] = {}
-        for c in calls:
-            if c.status < 400 and c.org_id is not None:
-                firsts.setdefault((c.org_id, c.environment[:32]), c.at)
-        for (org_id, env), at in firsts.items():
+    async def _first_successes(session: AsyncSession, firsts: dict[tuple[int, str], dt.datetime]) -> None:
+        for (org_id, long_env), at in firsts.items():
+            env = long_env[:32]
             if await session.get(GatewayFirstSuccess, (org_id, env)) is None:
                 session.add(GatewayFirstSuccess(org_id=org_id, environment_id=env, at=at))
         await session.flush()
