@@ -12,11 +12,13 @@ import os
 import signal
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from twofold.crypto import certs, keys
@@ -175,6 +177,10 @@ def _configure_logging(access_log: bool) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp warns (to stderr) about a malformed Content-Disposition in a client's multipart
+    # body, quoting it: the client's mistake, answered with a 400, and its bytes stay out of the log.
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionHeader)
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionParam)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
