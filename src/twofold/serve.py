@@ -26,6 +26,7 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, new_password
@@ -50,6 +51,29 @@ class ServeConfig:
     upstream_timeout: float = 30.0
     access_log: bool = True
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+    # Every listener (portal, gateways): see twofold.listener.ConnectionLimits.
+    header_timeout: float = ConnectionLimits.header_timeout
+    body_timeout: float = ConnectionLimits.body_timeout
+    idle_timeout: float = ConnectionLimits.idle_timeout
+    max_connections: int = ConnectionLimits.max_connections  # per listener
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
+        if not isinstance(self.max_connections, int):
+            raise UsageError(f"max_connections must be a whole number, not {self.max_connections!r}")
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The connection limits as configured (``fitted`` to the open-files limit at start)."""
+        return ConnectionLimits(
+            header_timeout=float(self.header_timeout),
+            body_timeout=float(self.body_timeout),
+            idle_timeout=float(self.idle_timeout),
+            max_connections=self.max_connections,
+        )
 
     @property
     def db_url(self) -> str:
@@ -265,6 +289,7 @@ async def run(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
+    nofile = raise_nofile_limit()
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
@@ -282,10 +307,19 @@ async def run(
             init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
         )
         await portal.setup()
-        portal_site = web.TCPSite(
+        limits = config.limits.fitted(listeners=1 + len(gateways.listeners), nofile=nofile)
+        if limits.max_connections < config.max_connections:
+            log.warning(
+                "at most %d connections per listener (not %d): the open-files limit is %d",
+                limits.max_connections,
+                config.max_connections,
+                nofile,
+            )
+        portal_site = GuardedSite(
             portal,
             config.host,
             config.portal_port,
+            limits=limits,
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
         await portal_site.start()
@@ -298,6 +332,8 @@ async def run(
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
+            "open_files": nofile,
+            "max_connections": limits.max_connections,
         }
         _settle_heap()
         if ready:
@@ -327,6 +363,7 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
     _install_uvloop()
     _configure_logging(config.access_log)
+    raise_nofile_limit()
 
     async def main() -> None:
         tls = local_tls(config.data, lambda _m: None)

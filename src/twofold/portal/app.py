@@ -38,6 +38,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "file_too_large",
     415: "unsupported_media_type",
 }
@@ -56,6 +57,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             413: f"the request body is larger than {MAX_BODY // 1024} KB; a certificate is a few KB",
             404: "no such page or endpoint",
             405: "method not allowed here",
+            408: "the request body did not arrive in time; send the whole body at once",
         }.get(exc.status, exc.reason)
         if is_api(request):
             return json_error(exc.status, code, message)
