@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from cryptography import x509
 
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
@@ -109,7 +111,7 @@ class Credentials:
     ca: LocalCA
     ca_path: Path
     server_key: keys.PrivateKey
-    server_cert: Any
+    server_cert: x509.Certificate
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -133,18 +135,45 @@ def local_tls(data: Path, announce: Callable[[str], None]) -> Credentials:
         _write_secret(ca_key_path, keys.private_key_bytes(ca.key))
         ca_path.write_bytes(certs.certificate_pem(ca.certificate))
         announce(f"created a local CA: {ca_path} (clients use it with --cacert)")
+    server_cert = None
     if key_path.exists() and cert_path.exists():
         server_key = keys.load_private_key(key_path.read_bytes(), name=str(key_path))
         server_cert = certs.load_certificate(cert_path.read_bytes(), name=str(cert_path))
-    else:
+        why = _renew_because(server_cert)
+        if why:
+            announce(f"renewing the server certificate {cert_path}: {why}")
+            server_cert = None
+    if server_cert is None:
         issued = ca.issue(
-            "localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"], days=825
+            "localhost",
+            usage="server",
+            sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"],
+            days=SERVER_CERT_DAYS,
         )
         server_key, server_cert = issued.key, issued.certificate
         _write_secret(key_path, keys.private_key_bytes(server_key))
         cert_path.write_bytes(certs.certificate_pem(server_cert))
         announce(f"created the server certificate for localhost: {cert_path}")
     return Credentials(ca, ca_path, server_key, server_cert)
+
+
+# TLS server certificates live at most 398 days for browsers and 366 in Mozilla's guidelines
+# (sslyze --mozilla_config checks it); the one serve makes lives a year and is renewed at start
+# when it has less than a month left (or is one of the 825-day certificates of older versions).
+SERVER_CERT_DAYS = 365
+MAX_SERVER_CERT_DAYS = 366
+RENEW_DAYS = 30
+
+
+def _renew_because(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    now = now or dt.datetime.now(dt.UTC)
+    lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if lifespan > dt.timedelta(days=MAX_SERVER_CERT_DAYS):
+        return f"it lives {lifespan.days} days, more than {MAX_SERVER_CERT_DAYS}"
+    left = certs.days_left(cert.not_valid_after_utc, now)
+    if left < RENEW_DAYS:
+        return f"it expires in {left} days" if left > 0 else "it has expired"
+    return None
 
 
 async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None:
