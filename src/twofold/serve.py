@@ -29,6 +29,7 @@ from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
 from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
+from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, new_password
@@ -77,9 +78,34 @@ class ServeConfig:
             max_connections=self.max_connections,
         )
 
+    portal_url: str | None = (
+        None  # how people reach the portal (links in mail); default https://localhost:PORT
+    )
+    smtp: str | None = None  # "host:port"; none: mail is written to <data>/outbox/
+    smtp_security: str = "starttls"  # starttls | ssl | none (loopback only)
+    smtp_username: str | None = None
+    smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
+    smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
+    mail_from: str = DEFAULT_SENDER
+
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def public_url(self) -> str:
+        return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    def mail_settings(self) -> MailSettings:
+        """Checked now, so that a setting that cannot work stops `serve` at start."""
+        return MailSettings(
+            smtp=self.smtp,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=read_password(self.smtp_password_file) if self.smtp_username else None,
+            sender=self.mail_from,
+            cafile=self.smtp_cafile,
+        ).check()
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -319,9 +345,15 @@ async def run(
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
     nofile = raise_nofile_limit()
+    mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
+    mailer = make_mailer(mail, config.data)
+    if not mail.smtp:
+        announce(
+            f'no SMTP server configured: mail is written to {config.data / "outbox"}/ (smtp = "host:port" sends it)'
+        )
     registry = await Registry.open(config.db_url)
     try:
         await bootstrap(registry, announce)
@@ -333,7 +365,12 @@ async def run(
             if config.ports.get(e["id"], e["gateway_port"])
         )
         portal = web.AppRunner(
-            init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
+            init_app(
+                registry,
+                PortalConfig(gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer),
+            ),
+            access_log=None,
+            handle_signals=False,
         )
         await portal.setup()
         limits = config.limits.fitted(listeners=1 + len(gateways.listeners), nofile=nofile)

@@ -16,6 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
 from twofold.errors import TwofoldError
+from twofold.mail import Mailer
 from twofold.registry.auth import Principal
 from twofold.registry.rules import Forbidden, RegistryError, Unauthorized
 from twofold.registry.service import Registry
@@ -32,6 +33,8 @@ class PortalConfig:
     secure_cookies: bool = True
     title: str = "twofold developer portal"
     gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
+    public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
+    mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
 
 
 REGISTRY = web.AppKey("registry", Registry)
