@@ -20,6 +20,7 @@ from conftest import POSTGRES_HOST, POSTGRES_PORT, own_postgres_database
 from gatewaykit import World, payment, running_world, wait_until
 from tcpproxy import TcpProxy
 from twofold.crypto import jws
+from twofold.gateway.sandbox import retry_after_header
 from twofold.registry.auth import SYSTEM
 
 pytestmark = pytest.mark.postgres
@@ -101,6 +102,8 @@ def test_while_the_database_is_away_everything_says_try_again_later_and_then_wor
     error = paid.json()["error"]
     assert error["code"] == "registry_unavailable"
     assert error["retry_after"] > 0
+    # What the gateway needs to turn it into the header (see twofold.gateway.sandbox).
+    assert retry_after_header(paid.json()) == [("Retry-After", str(error["retry_after"]))]
 
     proxy.restore()
     signed_in = _sign_in(world)
