@@ -16,7 +16,7 @@ from aiohttp import web
 from twofold import __version__
 from twofold.portal.api_accounts import ACCOUNT_ROUTES
 from twofold.portal.api_base import Route, _field, _json_body, _registry
-from twofold.portal.web import require_operator, require_principal
+from twofold.portal.web import read_form, require_operator, require_principal
 from twofold.registry.rules import RegistryError
 
 # --- handlers ------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ async def add_certificate(request: web.Request) -> web.Response:
     ``certificate_der``), or multipart with fields environment, use and file."""
     who = require_principal(request)
     if request.content_type.startswith("multipart/"):
-        form = await request.post()
+        form = await read_form(request)
         upload = form.get("file")
         data = upload.file.read() if isinstance(upload, web.FileField) else str(upload or "").encode()
         env, use = str(form.get("environment", "")), str(form.get("use", ""))

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from twofold.portal.web import REGISTRY
+from twofold.portal.web import REGISTRY, check_json_text
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
 
@@ -37,10 +37,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # not JSON, not UTF-8 (UnicodeDecodeError), unknown charset
         raise RegistryError("the request body is not valid JSON", code="bad_json") from None
+    except RecursionError:
+        raise RegistryError(
+            "the request body is nested too deeply; a request is a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise RegistryError("the request body must be a JSON object", code="bad_json")
+    check_json_text(body)
     return body
 
 

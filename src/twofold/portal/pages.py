@@ -21,6 +21,8 @@ from twofold.portal.web import (
     client_address,
     error_status,
     principal,
+    read_form,
+    with_retry_after,
 )
 from twofold.registry.auth import ROLE_LABELS, Principal
 from twofold.registry.rules import Forbidden, RegistryError
@@ -84,7 +86,7 @@ def same_site_form(request: web.Request, what: str) -> None:
 
 async def _form(request: web.Request) -> dict[str, Any]:
     """The posted form, after checking its CSRF token against the session's."""
-    form = await request.post()
+    form = await read_form(request)
     sent = str(form.get("csrf_token", ""))
     expected = request.get(CSRF, "")
     if not expected or not hmac.compare_digest(sent, expected):
@@ -132,7 +134,7 @@ async def render(
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     if flash:
         response.del_cookie(FLASH_COOKIE, path="/")
-    return response
+    return with_retry_after(response, error)
 
 
 def _unquote(value: str) -> str:
@@ -167,7 +169,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     # Login CSRF: another site must not sign a visitor in to an account of its choosing (whose
     # organisation would then receive the visitor's certificates).
     same_site_form(request, "sign in from the portal's own sign-in page")
-    form = await request.post()
+    form = await read_form(request)
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))
     next_url = _safe_next(str(form.get("next", "")))
@@ -185,12 +187,15 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         who = await _registry(request).authenticate(email, password)
     except TwofoldError as error:
+        if error.status >= 500:  # the registry could not decide: not a failed sign-in
+            limiter.cancel(address, email)
+            return await render(request, "login.html", context, status=error.status, error=error)
         return await render(request, "login.html", context, status=401, error=error)
     cookie, _csrf = await _registry(request).create_session(who)
     if who.mfa_enrolled:
         # Earlier failures are forgiven only once the code passes: wrong codes count with wrong
         # passwords, so the password cannot be used to reset the count for code guessing.
-        limiter.refund(address, email)
+        limiter.cancel(address, email)  # this attempt passed; the earlier failures stay
         raise start_session(request, cookie, f"{CODE_PAGE}?next={quote(next_url)}")
     limiter.succeeded(address, email)
     raise start_session(request, cookie, next_url)
@@ -488,7 +493,7 @@ async def admin_users(request: web.Request) -> web.Response:
 @routes.post("/admin/users")
 async def admin_add_user(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     roles = [str(r) for r in form.getall("roles", [])]
     try:
@@ -543,7 +548,7 @@ async def admin_products(request: web.Request) -> web.Response:
 @routes.post("/admin/products")
 async def admin_save_product(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     try:
         product = await _registry(request).save_product(

@@ -23,7 +23,7 @@ from twofold.portal.pages import (
     same_site_form,
     start_session,
 )
-from twofold.portal.web import CONFIG, LIMITER, SESSION_COOKIE, client_address, error_status
+from twofold.portal.web import CONFIG, LIMITER, SESSION_COOKIE, client_address, error_status, read_form
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import LinkInvalid
 
@@ -127,7 +127,7 @@ async def recover(request: web.Request) -> web.Response:
     """One answer whatever the address: whether an account exists is not revealed, and the
     mail goes out in the background so the answer's timing does not tell either."""
     same_site_form(request, "ask for a link from the portal's own page")
-    form = await request.post()
+    form = await read_form(request)
     email = str(form.get("email", "")).strip()
     limiter, address = request.app[LIMITER], client_address(request)
     wait = limiter.begin(address, f"link:{email.lower()}")
@@ -162,7 +162,7 @@ async def link_page(request: web.Request) -> web.Response:
 async def use_link(request: web.Request) -> web.StreamResponse:
     same_site_form(request, "choose the password on the portal's own page")
     token = request.match_info["token"]
-    form = await request.post()
+    form = await read_form(request)
     new, confirm = str(form.get("new_password", "")), str(form.get("confirm_password", ""))
     registry = _registry(request)
     try:

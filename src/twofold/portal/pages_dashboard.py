@@ -12,7 +12,7 @@ from aiohttp import web
 from twofold.errors import TwofoldError
 from twofold.portal.mails import require_mailer, send_link
 from twofold.portal.pages import _admin, _form, _operator, _redirect, _registry, _signed_in, render
-from twofold.portal.web import CONFIG, error_status
+from twofold.portal.web import CONFIG, error_status, read_form
 from twofold.registry.auth import Principal
 from twofold.registry.rules import RegistryError
 
@@ -80,7 +80,7 @@ async def team(request: web.Request) -> web.Response:
 async def team_invite(request: web.Request) -> web.StreamResponse:
     who = _signed_in(request)
     form = await _form(request)
-    raw = await request.post()
+    raw = await read_form(request)
     try:
         flash = await _invite(
             request, who, {**form, "organisation": who.org_slug}, [str(r) for r in raw.getall("roles", [])]
@@ -94,7 +94,7 @@ async def team_invite(request: web.Request) -> web.StreamResponse:
 async def admin_invite(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
     form = await _form(request)
-    raw = await request.post()
+    raw = await read_form(request)
     try:
         flash = await _invite(request, who, form, [str(r) for r in raw.getall("roles", [])])
     except TwofoldError as error:
