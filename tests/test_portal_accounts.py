@@ -299,3 +299,47 @@ def test_cli_invite_writes_the_mail_to_the_outbox_and_resets_a_factor(tmp_path: 
     log = runner.invoke(main, ["admin", "audit", "log", "--data", str(data)])
     assert "user.invite" in log.stdout
     assert "user.mfa_reset" in log.stdout
+
+
+SESSION_FORMS = ["/login/code", "/account/mfa", "/team/invitations"]
+OPERATOR_FORMS = ["/admin/users/invite", "/admin/users/mfa-reset"]
+
+
+def test_the_new_pages_ask_who_is_there_and_check_their_forms(portal: PortalServer) -> None:
+    """Every new page: anonymous visitors are sent to sign in; session forms need the
+    session's CSRF token; operator pages refuse others; forms without a session refuse
+    cross-site posts."""
+    with _browser(portal) as anonymous:
+        for path in ("/dashboard", "/team", "/account/mfa", "/login/code", "/admin/overview"):
+            response = anonymous.get(path)
+            assert response.status_code == 303, path
+            assert response.headers["location"].startswith("/login?next="), path
+        for path in ("/account/recover", "/account/link/whatever"):
+            forged = anonymous.post(
+                path, data={"email": "x@acme.test"}, headers={"Sec-Fetch-Site": "cross-site"}
+            )
+            assert forged.status_code == 403, path
+            assert "cross_site_login" in forged.text
+    portal.add_user("member@acme.test", org="acme", roles="api_security,developer")
+    with _browser(portal) as member:
+        csrf = portal.sign_in(member, "member@acme.test")
+        for path in SESSION_FORMS:
+            response = member.post(path, data={"csrf_token": "forged", "email": "x@acme.test", "code": "1"})
+            assert response.status_code == 403, path
+            assert "csrf_failed" in response.text, path
+        for path in OPERATOR_FORMS:
+            refused = member.post(
+                path, data={"csrf_token": csrf, "email": "member@acme.test", "roles": ["developer"]}
+            )
+            assert refused.status_code == 403, path
+            assert "operator_only" in refused.text
+        assert member.get("/admin/overview").status_code == 403
+        overview = member.get("/dashboard?org=globex")  # ?org= is for operators: their own
+        assert overview.status_code == 200
+        assert "Where acme stands" in overview.text
+    with _browser(portal) as ops:
+        portal.sign_in(ops, "ops@platform.test")
+        for path in OPERATOR_FORMS:
+            response = ops.post(path, data={"csrf_token": "forged", "email": "member@acme.test"})
+            assert response.status_code == 403, path
+            assert "csrf_failed" in response.text, path
