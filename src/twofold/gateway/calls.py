@@ -1,7 +1,7 @@
 """Recording the gateway's calls for the dashboards, off the request path.
 
-The hook (:meth:`CallRecorder.record`) costs one tuple and one append to a deque per request:
-no I/O, no formatting, no locks. A background task takes what has queued every ``interval``
+The hook (:meth:`CallRecorder.record`) costs one flat tuple and one append to a deque per
+request: no I/O, no formatting, no locks, nothing the garbage collector keeps tracking. A background task takes what has queued every ``interval``
 seconds, collapses it — the newest 100 calls per organisation and environment (the dashboard
 shows no more; older ones would be pruned at once), refusals as counts per minute and outcome,
 first successes not stored yet — and writes that in one transaction through
@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from twofold.registry.calls import KEEP, CallBatch, CallRecord
 
@@ -46,7 +46,11 @@ Writer = Callable[[CallBatch], Awaitable[None]]
 class CallRecorder:
     def __init__(self, write: Writer, *, capacity: int = 50_000, interval: float = 1.0) -> None:
         self._write = write
-        self._queue: deque[tuple[float, str, Any, str, str, int]] = deque()
+        # Flat tuples of strings and numbers: the garbage collector stops tracking them, so a
+        # second's worth of queued calls does not make its collections slower.
+        self._queue: deque[tuple[float, str, int | None, str | None, str, str | None, str, str, int]] = (
+            deque()
+        )
         self.capacity = capacity
         self.interval = interval
         self.dropped = 0
@@ -57,8 +61,20 @@ class CallRecorder:
         self._wake = asyncio.Event()
 
     def record(self, env: str, outcome: Outcome, method: str, path: str, status: int) -> None:
-        """The per-request hook: queue the call (the outcome object is read later)."""
-        self._queue.append((time.time(), env, outcome, method, path, status))
+        """The per-request hook: queue the call."""
+        self._queue.append(
+            (
+                time.time(),
+                env,
+                outcome.org_id,
+                outcome.product,
+                outcome.code,
+                outcome.message,
+                method,
+                path,
+                status,
+            )
+        )
 
     def pending(self) -> int:
         return len(self._queue) + (len(self._failed) if self._failed else 0)
@@ -78,10 +94,9 @@ class CallRecorder:
         kept: dict[tuple[int, str], int] = {}
         chosen = []
         for item in reversed(items):  # newest first
-            at, env, outcome, _method, _path, status = item
-            org_id = outcome.org_id
+            at, env, org_id, _product, code, _message, _method, _path, status = item
             if status >= 400:
-                batch.refusals[(env, _minute(at), outcome.code)] += 1
+                batch.refusals[(env, _minute(at), code)] += 1
             elif org_id is not None and (org_id, env) not in self._marked:
                 batch.first_ok[(org_id, env)] = _utc(at)  # ends with the oldest
             if org_id is not None:
@@ -89,18 +104,18 @@ class CallRecorder:
                 if count < KEEP:
                     kept[(org_id, env)] = count + 1
                     chosen.append(item)
-        for at, env, outcome, method, path, status in reversed(chosen):
+        for at, env, org_id, product, code, message, method, path, status in reversed(chosen):
             batch.calls.append(
                 CallRecord(
                     at=_utc(at),
                     environment=env,
-                    org_id=outcome.org_id,
-                    product=outcome.product,
+                    org_id=org_id,
+                    product=product,
                     method=method,
                     path=path,
                     status=status,
-                    outcome=outcome.code,
-                    message=outcome.message if status >= 400 else None,
+                    outcome=code,
+                    message=message if status >= 400 else None,
                 )
             )
         return batch
