@@ -24,6 +24,7 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
@@ -58,6 +59,10 @@ class ServeConfig:
     smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
     smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
     mail_from: str = DEFAULT_SENDER
+    # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
+    # (and "passphrase_file" for an encrypted key).
+    issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
+    local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
 
     @property
     def db_url(self) -> str:
@@ -77,6 +82,29 @@ class ServeConfig:
             sender=self.mail_from,
             cafile=self.smtp_cafile,
         ).check()
+
+    def issuing_files(self) -> dict[str, IssuingFiles]:
+        files = {}
+        for env_id, entry in self.issuing_ca.items():
+            if (
+                not isinstance(entry, dict)
+                or not {"key", "cert"} <= set(entry)
+                or set(entry)
+                - {
+                    "key",
+                    "cert",
+                    "passphrase_file",
+                }
+            ):
+                raise UsageError(
+                    f'[issuing_ca.{env_id}] needs key = "…" and cert = "…" (and optionally '
+                    'passphrase_file = "…")'
+                )
+            passphrase = entry.get("passphrase_file")
+            files[env_id] = IssuingFiles(
+                Path(entry["key"]), Path(entry["cert"]), Path(passphrase) if passphrase else None
+            )
+        return files
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -285,9 +313,11 @@ async def run(
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    issuing = config.issuing_files()  # so does an issuing CA setting
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
+    issuers = IssuingCAs(config.data, issuing)
     mailer = make_mailer(mail, config.data)
     if not mail.smtp:
         announce(
@@ -296,6 +326,7 @@ async def run(
     registry = await Registry.open(config.db_url)
     try:
         await bootstrap(registry, announce)
+        await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
         gateway_urls = tuple(
@@ -306,7 +337,9 @@ async def run(
         portal = web.AppRunner(
             init_app(
                 registry,
-                PortalConfig(gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer),
+                PortalConfig(
+                    gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer, issuers=issuers
+                ),
             ),
             access_log=None,
             handle_signals=False,

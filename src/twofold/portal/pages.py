@@ -193,7 +193,9 @@ async def _security(
     status: int = 200,
     error: TwofoldError | None = None,
     use: str = "mtls",
+    **extra: Any,
 ) -> web.Response:
+    """The Security page; ``extra`` goes to the template (e.g. which form an error is about)."""
     who = _signed_in(request)
     registry = _registry(request)
     envs = await registry.list_environments()
@@ -217,10 +219,18 @@ async def _security(
             "can_manage": who.manages_certificates,
             "use": use,
             "gateway": gateway,
+            "issued": await _issued(request, rows),
+            **extra,
         },
         status=status,
         error=error,
     )
+
+
+async def _issued(request: web.Request, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The certificate just issued from a CSR (``?issued=<fingerprint>``), to offer its download."""
+    wanted = request.query.get("issued", "").lower()
+    return next((row for row in rows if wanted and row["fingerprint"] == wanted), None)
 
 
 @routes.get("/security")
