@@ -7,17 +7,31 @@ in Production, and a CSR for another organisation's Common Name is refused."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import twofold
-from gatewaykit import Pair, World, assert_refusal, ec_pair, payment, running_world, save_pair, tls_outcome
+from gatewaykit import (
+    Pair,
+    World,
+    assert_refusal,
+    ec_pair,
+    payment,
+    running_world,
+    save_pair,
+    tls_outcome,
+    wait_until,
+)
 from twofold.crypto import certs, keys
+from twofold.lifecycle import JWKS_PATH, NoticeSigner
+from twofold.registry.auth import SYSTEM
 
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 
@@ -186,3 +200,45 @@ def test_the_ca_key_is_never_in_the_registry_or_the_logs(world: World, issued: d
     assert b"PRIVATE KEY" not in database
     log_text = "\n".join(world.access.raw_since(0)) + "\n".join(world.extra["announced"])
     assert "PRIVATE KEY" not in log_text
+
+
+def test_the_expiry_metric_and_the_notice_jwks_are_served(world: World, issued: dict[str, Pair]) -> None:
+    not_after = issued["mtls"].certificate.not_valid_after_utc
+
+    def expiry() -> float:
+        return world.metric("twofold_certificate_expiry_seconds", environment="prod", org="acme", use="mtls")
+
+    wait_until(lambda: expiry() > 0, 10)
+    left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+    soonest_prod = min(  # acme has two mTLS certificates in prod: the metric is the soonest
+        left,
+        (world.extra["acme_prod"].certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds(),
+    )
+    assert expiry() == pytest.approx(soonest_prod, abs=30)
+    assert (
+        world.metric("twofold_certificate_expiry_seconds", environment="cat", org="globex", use="signature")
+        > 0
+    )
+    jwks = httpx.get(world.portal + JWKS_PATH, verify=world.client_context(None), timeout=10).json()
+    signer = NoticeSigner.load_or_create(world.config.data / "portal" / "notice-signing.key")
+    assert jwks == signer.jwks()
+
+
+def test_the_portal_shows_a_banner_for_certificates_expiring_soon(world: World, tmp_path: Path) -> None:
+    short = ec_pair(tmp_path, "short", "acme-short-lived", days=6)
+    world.register("acme", "cat", "mtls", short)
+    email = "banner-reader@acme.example"
+    world.call(
+        world.registry.add_user(
+            SYSTEM, email, org="acme", roles="developer", password="a long enough password"
+        )
+    )
+    with httpx.Client(base_url=world.portal, verify=world.client_context(None), timeout=10) as browser:
+        signed_in = browser.post("/login", data={"email": email, "password": "a long enough password"})
+        assert signed_in.status_code == 303
+        page = browser.get("/projects").text  # any page
+    assert 'id="expiry-banner"' in page
+    assert "acme-short-lived" in page
+    assert "in 6 days" in page
+    assert "acme-cat</a>" not in page  # a year left: not in the banner
+    world.remove("acme", "cat", short)

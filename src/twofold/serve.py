@@ -25,6 +25,7 @@ from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
 from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
+from twofold.lifecycle import ExpiryNotifier, NoticeSigner
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
@@ -63,6 +64,7 @@ class ServeConfig:
     # (and "passphrase_file" for an encrypted key).
     issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
     local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
+    notice_interval: float = 300.0  # seconds between looks for due expiry notices
 
     @property
     def db_url(self) -> str:
@@ -329,6 +331,13 @@ async def run(
         await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
+        signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
+        # The expiry metric is served with the gateway's on the admin listener, not computed on
+        # the request path: the notifier keeps its facts fresh.
+        gateways.gateway.metrics.registry.register(notifier.collector())
+        lifecycle_stop = asyncio.Event()
+        lifecycle = asyncio.create_task(notifier.run(lifecycle_stop, interval=config.notice_interval))
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
@@ -338,7 +347,11 @@ async def run(
             init_app(
                 registry,
                 PortalConfig(
-                    gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer, issuers=issuers
+                    gateway_urls=gateway_urls,
+                    public_url=config.public_url,
+                    mailer=mailer,
+                    issuers=issuers,
+                    notice_jwks=signer.jwks(),
                 ),
             ),
             access_log=None,
@@ -368,6 +381,8 @@ async def run(
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
+        lifecycle_stop.set()
+        await lifecycle
         await gateways.stop()
         await portal.cleanup()
         for process in workers:

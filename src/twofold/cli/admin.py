@@ -94,6 +94,29 @@ def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | Non
     print_json(row) if as_json else err.print(f"created organisation {row['slug']} ({row['name']})")
 
 
+@org.command(
+    "webhook",
+    help="Where the organisation's certificate expiry notices are also POSTed, as a JWS signed by the "
+    "portal's notice key (its JWKS: <portal>/.well-known/jwks.json). --off stops them."
+    + examples(
+        "twofold admin org webhook acme https://ops.acme.example/twofold/notices",
+        "twofold admin org webhook acme --off",
+    ),
+)
+@click.argument("slug")
+@click.argument("url", required=False)
+@click.option("--off", is_flag=True, help="Send no webhook notices to this organisation.")
+@db_options
+def org_webhook(slug: str, url: str | None, off: bool, data: str, db: str | None) -> None:
+    if bool(url) == off:
+        raise UsageError("give the webhook URL, or --off")
+    row = with_registry(data, db, lambda r: r.set_notice_webhook(SYSTEM, slug, None if off else url))
+    if row["notice_webhook"]:
+        err.print(f"expiry notices of {row['organisation']} are also POSTed to {row['notice_webhook']}")
+    else:
+        err.print(f"no webhook notices for {row['organisation']}")
+
+
 @org.command("list", help="List organisations.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options

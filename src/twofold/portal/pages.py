@@ -11,6 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
+from twofold.portal import notices
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -91,6 +92,7 @@ async def render(
         "flash": _unquote(flash) if flash else None,
         "error": error,
         "path": request.path,
+        "expiring": await notices.expiring(request),  # the expiry banner (_expiry_banner.html)
     }
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     if flash:

@@ -9,6 +9,7 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -35,6 +36,7 @@ class PortalConfig:
     public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
     mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
     issuers: IssuingCAs | None = None  # the environments' issuing CAs (None: the portal issues nothing)
+    notice_jwks: dict[str, Any] | None = None  # verifies the portal's signed expiry notices
 
 
 REGISTRY = web.AppKey("registry", Registry)

@@ -7,7 +7,7 @@ operators manage organisations, users, environments and products.
 
 One class, :class:`Registry`, composed of one mixin per aggregate (each in its own module):
 sessions and tokens, accounts, the catalogue, projects, certificates (and their issuance from
-CSRs), the sandbox's payments;
+CSRs), expiry notices, the sandbox's payments;
 their foundation (engine, transactions, audit) is :mod:`twofold.registry.base`.
 """
 
@@ -25,12 +25,13 @@ from twofold.registry.catalogue import (
 )
 from twofold.registry.certificates import cert_view
 from twofold.registry.issuance import IssuanceMixin
+from twofold.registry.notices import NoticesMixin
 from twofold.registry.payments import PaymentsMixin
 from twofold.registry.projects import ProjectsMixin
 from twofold.registry.rules import USES
 
 
-class Registry(AccountsMixin, CatalogueMixin, ProjectsMixin, IssuanceMixin, PaymentsMixin):
+class Registry(AccountsMixin, CatalogueMixin, ProjectsMixin, IssuanceMixin, NoticesMixin, PaymentsMixin):
     """Open with :meth:`open` (runs migrations), close with :meth:`close`."""
 
 
