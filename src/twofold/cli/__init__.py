@@ -11,6 +11,7 @@ from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
+from twofold.cli.rotate import rotate
 from twofold.cli.serve import demo, serve_command
 
 
@@ -32,6 +33,7 @@ Provider side:
   demo     walk the whole flow against a running serve
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
   portal   register certificates through the portal API (CI pipelines)
+  rotate   replace credentials with zero downtime (new key, register, probe, switch, remove old)
 
 \b
 Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
@@ -57,3 +59,4 @@ main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
 main.add_command(portal)
+main.add_command(rotate)
