@@ -118,13 +118,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(work: Path) -> Iterator[Served]:
+def serving(work: Path, *, workers: int = 1, admin_port: int | None = None) -> Iterator[Served]:
+    """`twofold serve` until the block ends; ready once every process's /readyz says so (the
+    extra workers' admin listeners are on the next ports)."""
     data = work / "data"
-    portal, admin = free_port(), free_port()
+    portal, admin = free_port(), admin_port or free_port()
     ports = {"cat": free_port(), "prod": free_port()}
     config = work / "twofold.toml"
     config.write_text(
-        f"portal_port = {portal}\nadmin_port = {admin}\n[ports]\n"
+        f"workers = {workers}\nportal_port = {portal}\nadmin_port = {admin}\n[ports]\n"
         + "".join(f"{env} = {port}\n" for env, port in ports.items())
     )
     log = work / "serve.log"
@@ -137,15 +139,15 @@ def serving(work: Path) -> Iterator[Served]:
     served = Served(work, data, portal, admin, ports, process, log)
     try:
 
-        def ready() -> bool:
+        def ready(port: int) -> bool:
             if process.poll() is not None:
                 raise AssertionError(f"twofold serve exited ({process.returncode}):\n{log.read_text()}")
             try:
-                return httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
 
-        wait_until(ready, 60, 0.2)
+        wait_until(lambda: all(ready(admin + i) for i in range(workers)), 60, 0.2)
         yield served
     finally:
         os.killpg(process.pid, signal.SIGTERM)
