@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ from servekit import serving
 from twofold.crypto import certs, keys
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
-
-TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 
 
 @dataclass
