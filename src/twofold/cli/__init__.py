@@ -9,6 +9,7 @@ from twofold.cli._common import Group
 from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
+from twofold.cli.doctor import doctor
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
 from twofold.cli.rotate import rotate
@@ -26,6 +27,7 @@ Client toolkit:
   key      private keys          csr   certificate signing requests
   cert     certificates          jws   sign / verify compact JWS
   call     curl for mTLS + JWS APIs
+  doctor   why does a call fail? every check, with what to do
 
 \b
 Provider side:
@@ -55,6 +57,7 @@ main.add_command(csr)
 main.add_command(cert)
 main.add_command(jws_group, "jws")
 main.add_command(call)
+main.add_command(doctor)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
