@@ -106,6 +106,18 @@ class Served:
             env["TWOFOLD_TOKEN"] = member.token
         return subprocess.run([TWOFOLD, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
+    def credentials(self, member: Member, directory: Path, cn: str, env: str = "cat") -> None:
+        """`twofold init` (RSA keys, self-signed) into ``directory``; both certificates registered
+        by the CLI, and the gateway told."""
+        done = self.cli(None, "init", "--cn", cn, "--out", str(directory))
+        assert done.returncode == 0, done.stderr
+        for use, name in (("mtls", "mtls"), ("signature", "sign")):
+            done = self.cli(
+                member, "portal", "cert", "add", "--env", env, "--use", use, str(directory / f"{name}.crt")
+            )
+            assert done.returncode == 0, done.stderr
+        self.sync()
+
     def seen_version(self) -> int:
         return int(
             httpx.get(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=5).json()["registry_version"]

@@ -52,14 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     with serving(work) as served:
         member = served.member("acme", {"cat": ["balance", "echo"]})
         creds = work / "acme-cat"
-        done = served.cli(None, "init", "--cn", "acme-doc", "--out", str(creds))
-        assert done.returncode == 0, done.stderr
-        for use, name in (("mtls", "mtls"), ("signature", "sign")):
-            done = served.cli(
-                member, "portal", "cert", "add", "--env", "cat", "--use", use, str(creds / f"{name}.crt")
-            )
-            assert done.returncode == 0, done.stderr
-        served.sync()
+        served.credentials(member, creds, "acme-doc")
         yield Setup(served, member, creds)
 
 

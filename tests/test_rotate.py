@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import twofold
-from servekit import Member, Served, serving
+from servekit import Served, serving
 from twofold.crypto import certs, keys
 
 
@@ -23,18 +23,6 @@ from twofold.crypto import certs, keys
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with serving(tmp_path_factory.mktemp("rotate")) as running:
         yield running
-
-
-def credentials(served: Served, member: Member, directory: Path, cn: str) -> None:
-    """`twofold init` (RSA keys, self-signed), both certificates registered in cat by the CLI."""
-    done = served.cli(None, "init", "--cn", cn, "--out", str(directory))
-    assert done.returncode == 0, done.stderr
-    for use, name in (("mtls", "mtls"), ("signature", "sign")):
-        done = served.cli(
-            member, "portal", "cert", "add", "--env", "cat", "--use", use, str(directory / f"{name}.crt")
-        )
-        assert done.returncode == 0, done.stderr
-    served.sync()
 
 
 def stamp(directory: Path) -> tuple[int, ...]:
@@ -109,7 +97,7 @@ class Caller:
 def test_clients_keep_calling_through_a_rotation_of_both_credentials(served: Served, tmp_path: Path) -> None:
     member = served.member("acme", {"cat": ["payments", "echo"]})
     directory = tmp_path / "acme-cat"
-    credentials(served, member, directory, "acme-rot")
+    served.credentials(member, directory, "acme-rot")
     old = {
         n: certs.fingerprint_sha256(certs.load_certificate((directory / f"{n}.crt").read_bytes()))
         for n in ("mtls", "sign")
@@ -164,7 +152,7 @@ def test_clients_keep_calling_through_a_rotation_of_both_credentials(served: Ser
 def test_a_failed_probe_rolls_back_and_says_why(served: Served, tmp_path: Path) -> None:
     member = served.member("globex", {"cat": ["payments", "balance"]})
     directory = tmp_path / "globex-cat"
-    credentials(served, member, directory, "globex-rot")
+    served.credentials(member, directory, "globex-rot")
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     with served.api(member.token) as api:
         registered = {c["fingerprint"] for c in api.get("/api/v1/certificates").json()}
