@@ -188,3 +188,35 @@ def test_a_failed_probe_rolls_back_and_says_why(served: Served, tmp_path: Path) 
     assert done.returncode == 2
     assert "is not registered in prod (it is registered in cat)" in done.stderr
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_rotation_in_production_gets_the_new_certificate_from_the_issuing_ca(
+    served: Served, tmp_path: Path
+) -> None:
+    member = served.member("initech", {"prod": ["echo"]})
+    directory = tmp_path / "initech-prod"
+    directory.mkdir()
+    key = keys.generate_private_key("ec", curve="P-384")
+    (directory / "mtls.key").write_bytes(keys.private_key_bytes(key))
+    (directory / "mtls.csr").write_bytes(certs.csr_pem(certs.build_csr(key, "/O=Initech/CN=initech-prod")))
+    done = served.cli(
+        member, "portal", "cert", "request", "--env", "prod", "--use", "mtls", str(directory / "mtls.csr"),
+        "--out", str(directory / "mtls.crt"), "--days", "30",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    old = certs.load_certificate((directory / "mtls.crt").read_bytes())
+    served.sync()
+    done = served.cli(
+        member, "rotate", "--env", "prod", "--use", "mtls", "--dir", str(directory), "--grace", "0"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "issued by Production's CA" in done.stderr
+    new = certs.load_certificate((directory / "mtls.crt").read_bytes())
+    ca = certs.load_certificate((served.data / "issuing" / "prod" / "ca.crt").read_bytes())
+    new.verify_directly_issued_by(ca)
+    assert new.subject == old.subject
+    assert keys.describe_key(keys.load_private_key((directory / "mtls.key").read_bytes())) == "EC P-384"
+    with served.api(member.token) as api:
+        rows = api.get("/api/v1/certificates", params={"env": "prod"}).json()
+    assert [r["fingerprint"] for r in rows] == [certs.fingerprint_sha256(new)]
+    assert rows[0]["days_left"] == 730  # the environment's maximum, not the old certificate's 30 days
