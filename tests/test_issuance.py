@@ -336,3 +336,9 @@ async def test_migration_0004_upgrades_an_existing_registry(registry_url: str) -
     finally:
         await engine.dispose()
     assert [tuple(r) for r in rows] == [("cat", 365, None), ("prod", 730, None), ("uat", 365, None)]
+
+
+async def test_a_der_csr_is_issued_like_a_pem_one(prod: Registry, acme: Org) -> None:
+    der = certs.load_csr(csr_for("acme-der")).public_bytes(certs.serialization.Encoding.DER)
+    row = await prod.issue_certificate(acme.security, "prod", "mtls", der, issuer=ISSUER)
+    assert row["common_name"] == "acme-der"

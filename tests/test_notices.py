@@ -325,6 +325,7 @@ async def test_only_operators_set_webhooks_and_only_to_http_urls(setup: Setup) -
         with pytest.raises(RegistryError) as refused:
             await setup.registry.set_notice_webhook(SYSTEM, "acme", bad)
         assert refused.value.code == "webhook_invalid"
+    assert (await setup.registry.set_notice_webhook(SYSTEM, "acme", None))["notice_webhook"] is None
 
 
 # --- what the portal and the metric show ----------------------------------------------------------------
@@ -356,20 +357,28 @@ async def test_expiry_facts_and_the_banner_list(setup: Setup) -> None:
 
 def test_admin_org_webhook(tmp_path: Path) -> None:
     twofold = str(Path(sys.executable).with_name("twofold"))
-    data = str(tmp_path / "data")
+    data = tmp_path / "data"
+
+    async def seed() -> None:
+        registry = await Registry.open(str(data / "twofold.db"))
+        try:
+            await registry.add_org(SYSTEM, "acme")
+        finally:
+            await registry.close()
+
+    asyncio.run(seed())
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [twofold, "admin", *args, "--data", data], capture_output=True, text=True, timeout=60
+            [twofold, "admin", "org", "webhook", *args, "--data", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
-    assert run("org", "add", "acme").returncode == 0
-    done = run("org", "webhook", "acme", "https://ops.acme.example/twofold")
+    done = run("acme", "https://ops.acme.example/twofold")
     assert done.returncode == 0, done.stderr
     assert "also POSTed to https://ops.acme.example/twofold" in done.stderr
-    done = run("org", "webhook", "acme", "gopher://x")
+    done = run("acme", "gopher://x")
     assert done.returncode == 1
     assert "[webhook_invalid]" in done.stderr
-    done = run("org", "webhook", "acme", "--off")
-    assert done.returncode == 0
-    assert "no webhook notices for acme" in done.stderr
