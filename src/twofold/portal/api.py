@@ -9,30 +9,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from twofold import __version__
+from twofold.portal.openapi import STR as _STR
+from twofold.portal.openapi import Route, openapi_document
 from twofold.portal.web import CONFIG, REGISTRY, issuer_for, require_operator, require_principal
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    who: str = "any user"  # shown in the OpenAPI description
-    body: dict[str, Any] | None = None  # JSON schema of the request body
-    query: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _registry(request: web.Request) -> Registry:
@@ -316,12 +301,11 @@ async def audit_verify(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(openapi_document(), indent=2), content_type="application/json")
+    return web.Response(text=json.dumps(openapi_document(ROUTES), indent=2), content_type="application/json")
 
 
 # --- the route table (also the OpenAPI document) -------------------------------------------
 
-_STR = {"type": "string"}
 _CSR_BODY = {
     "type": "object",
     "required": ["environment", "use"],
@@ -449,6 +433,7 @@ ROUTES: list[Route] = [
         "API Security role",
         _CERT_BODY,
         tags=("certificates",),
+        multipart=True,
     ),
     Route(
         "POST",
@@ -458,6 +443,7 @@ ROUTES: list[Route] = [
         "API Security role",
         _CSR_BODY,
         tags=("certificates",),
+        multipart=True,
     ),
     Route(
         "GET",
@@ -558,84 +544,6 @@ ROUTES: list[Route] = [
         tags=("audit",),
     ),
 ]
-
-
-def openapi_document() -> dict[str, Any]:
-    error = {
-        "description": "refused",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    paths: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": _STR}
-            for name in _path_params(route.path)
-        ]
-        params += [{"name": name, "in": "query", "required": False, "schema": _STR} for name in route.query]
-        op: dict[str, Any] = {
-            "summary": route.summary,
-            "description": f"Allowed for: {route.who}.",
-            "operationId": f"{route.method.lower()}_{route.handler.__name__}",
-            "tags": list(route.tags),
-            "parameters": params,
-            "security": [{"token": []}],
-            "responses": {
-                "200" if route.method != "POST" else "201": {
-                    "description": "ok",
-                    "content": {"application/json": {}},
-                },
-                "400": error,
-                "401": error,
-                "403": error,
-                "404": error,
-                "409": error,
-            },
-        }
-        if route.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
-            if route.handler in (add_certificate, request_certificate):
-                op["requestBody"]["content"]["multipart/form-data"] = {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "environment": _STR,
-                            "use": _STR,
-                            "file": {"type": "string", "format": "binary"},
-                        },
-                    }
-                }
-        paths.setdefault(route.path, {})[route.method.lower()] = op
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "twofold portal API",
-            "version": __version__,
-            "description": "Register mTLS and Digital Signature certificates, projects and API products.",
-        },
-        "paths": paths,
-        "components": {
-            "securitySchemes": {
-                "token": {"type": "http", "scheme": "bearer", "description": "a personal API token (tf_…)"}
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {"code": _STR, "message": _STR},
-                        }
-                    },
-                }
-            },
-        },
-    }
-
-
-def _path_params(path: str) -> list[str]:
-    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
 def add_routes(app: web.Application) -> None:
