@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import tempfile
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
 from twofold.issuing import IssuingCAs
+from twofold.listener import GuardedSite
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal
@@ -45,11 +47,16 @@ PROD_ISSUER = LocalCA("twofold prod CSR issuing CA")
 class PortalServer:
     """``init_app`` over HTTPS (``server_context(..., require_client_cert=False)``)."""
 
-    def __init__(self, db_path: Path, *, config: PortalConfig | None = None) -> None:
+    def __init__(self, db_path: Path | str, *, config: PortalConfig | None = None) -> None:
         self.db_path = db_path
         self.config = config or PortalConfig(secure_cookies=True)
-        if self.config.issuers is None:
-            self.config = replace(self.config, issuers=IssuingCAs(db_path.parent / "issuing-data"))
+        if self.config.issuers is None:  # beside a SQLite file, else (a database URL) a directory of its own
+            data = (
+                db_path.parent / "issuing-data"
+                if isinstance(db_path, Path)
+                else Path(tempfile.mkdtemp(prefix="twofold-issuing-"))
+            )
+            self.config = replace(self.config, issuers=IssuingCAs(data))
         issued = SERVER_CA.issue("localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1"])
         self.tls = server_context(issued.key, issued.certificate, require_client_cert=False)
         self.port = 0
@@ -92,7 +99,7 @@ class PortalServer:
         self.registry = registry
         self._runner = web.AppRunner(init_app(registry, self.config), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
+        site = GuardedSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)  # as `twofold serve` does
         await site.start()
         self.port = self._runner.addresses[0][1]
 

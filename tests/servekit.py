@@ -1,7 +1,10 @@
-"""`twofold serve` as an operator runs it — a separate process on free loopback ports with its
-own data directory — for the suites that drive it from outside: rotation under load, doctor.
-Operator steps go to the registry database directly; organisation users use the portal API
-with tokens and the `twofold` CLI."""
+"""`twofold serve` as an operator runs it: the real command in its own process (its own
+logging, limits and signals), on free ports, with a TOML settings file; its stderr and
+stdout go to files that tests read (the real log output).
+
+:func:`serving` adds what the suites that drive it from outside need (rotation under load,
+doctor): operator steps straight on the registry database, organisation users with API
+tokens through the portal API and the `twofold` CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +31,106 @@ T = TypeVar("T")
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 
 
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    work: Path
+    portal: int
+    admin: int
+    cat: int
+    prod: int
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def ca(self) -> Path:
+        return self.data / "ca" / "ca.crt"
+
+    @property
+    def stderr(self) -> Path:
+        return self.work / "serve.stderr"
+
+    @property
+    def stdout(self) -> Path:
+        return self.work / "serve.stdout"
+
+    def log(self) -> str:
+        """Everything serve has written so far, stderr and stdout."""
+        return self.stderr.read_text(errors="replace") + self.stdout.read_text(errors="replace")
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def tls(self, port: int | None = None, timeout: float = 10) -> ssl.SSLSocket:
+        """A TLS connection to the portal (or ``port``), verified against serve's local CA."""
+        raw = socket.create_connection(("127.0.0.1", port or self.portal), timeout=timeout)
+        return self.client_context().wrap_socket(raw, server_hostname="localhost")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _portal_up(served: ServeProcess) -> bool:
+    if not served.alive():
+        raise AssertionError(f"twofold serve exited ({served.process.returncode}):\n{served.log()[-3000:]}")
+    if not served.ca.exists():
+        return False
+    try:
+        with httpx.Client(verify=served.client_context(), timeout=2) as client:
+            return client.get(f"https://localhost:{served.portal}/login").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def serve_process(
+    work: Path,
+    settings: str = "",
+    *,
+    args: tuple[str, ...] = ("--no-access-log",),
+    preexec_fn: Callable[[], None] | None = None,
+    admin: int | None = None,
+) -> Iterator[ServeProcess]:
+    """`twofold serve --config` in a new process group, stopped with SIGTERM afterwards."""
+    work.mkdir(parents=True, exist_ok=True)
+    served_ports = {
+        "portal": free_port(),
+        "admin": admin or free_port(),
+        "cat": free_port(),
+        "prod": free_port(),
+    }
+    config = work / "twofold.toml"
+    config.write_text(
+        f"portal_port = {served_ports['portal']}\nadmin_port = {served_ports['admin']}\n{settings}\n"
+        f"[ports]\ncat = {served_ports['cat']}\nprod = {served_ports['prod']}\n"
+    )
+    with (work / "serve.stderr").open("wb") as stderr, (work / "serve.stdout").open("wb") as stdout:
+        process = subprocess.Popen(
+            [TWOFOLD, "serve", "--data", str(work / "data"), "--config", str(config), *args],
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    served = ServeProcess(process, work, **served_ports)
+    try:
+        wait_until(lambda: _portal_up(served), 60, 0.2)
+        yield served
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+# --- driving a running serve from outside ------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Member:
     org: str
@@ -37,21 +141,27 @@ class Member:
 
 @dataclass
 class Served:
-    work: Path
-    data: Path
-    portal_port: int
-    admin_port: int
-    ports: dict[str, int]
-    process: subprocess.Popen[bytes]
-    log: Path
+    proc: ServeProcess
+
+    @property
+    def data(self) -> Path:
+        return self.proc.data
 
     @property
     def ca(self) -> Path:
-        return self.data / "ca" / "ca.crt"
+        return self.proc.ca
+
+    @property
+    def admin_port(self) -> int:
+        return self.proc.admin
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"cat": self.proc.cat, "prod": self.proc.prod}
 
     @property
     def portal(self) -> str:
-        return f"https://localhost:{self.portal_port}"
+        return f"https://localhost:{self.proc.portal}"
 
     def gateway(self, env: str = "cat") -> str:
         return f"https://localhost:{self.ports[env]}"
@@ -69,7 +179,7 @@ class Served:
     def api(self, token: str) -> httpx.Client:
         return httpx.Client(
             base_url=self.portal,
-            verify=ssl.create_default_context(cafile=str(self.ca)),
+            verify=self.proc.client_context(),
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
         )
@@ -130,41 +240,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(work: Path, *, workers: int = 1, admin_port: int | None = None) -> Iterator[Served]:
-    """`twofold serve` until the block ends; ready once every process's /readyz says so (the
-    extra workers' admin listeners are on the next ports)."""
-    data = work / "data"
-    portal, admin = free_port(), admin_port or free_port()
-    ports = {"cat": free_port(), "prod": free_port()}
-    config = work / "twofold.toml"
-    config.write_text(
-        f"workers = {workers}\nportal_port = {portal}\nadmin_port = {admin}\n[ports]\n"
-        + "".join(f"{env} = {port}\n" for env, port in ports.items())
-    )
-    log = work / "serve.log"
-    process = subprocess.Popen(
-        [TWOFOLD, "serve", "--data", str(data), "--config", str(config), "--no-access-log"],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        start_new_session=True,
-    )
-    served = Served(work, data, portal, admin, ports, process, log)
-    try:
+def serving(work: Path) -> Iterator[Served]:
+    """:func:`serve_process` (access log off), ready once its gateway's /readyz says so."""
+    with serve_process(work) as proc:
 
-        def ready(port: int) -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"twofold serve exited ({process.returncode}):\n{log.read_text()}")
+        def ready() -> bool:
             try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+                return httpx.get(f"http://127.0.0.1:{proc.admin}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
 
-        wait_until(lambda: all(ready(admin + i) for i in range(workers)), 60, 0.2)
-        yield served
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        wait_until(ready, 30, 0.1)
+        yield Served(proc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ import pytest
 
 import twofold
 from gatewaykit import PROPAGATION, free_port, wait_until
-from servekit import serving
+from servekit import serve_process
 from twofold.crypto import certs, keys
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
+
+TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 
 
 @dataclass
@@ -91,19 +94,24 @@ def _free_port_pair() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("workers")
-    with serving(work, workers=2, admin_port=_free_port_pair()) as running:
+    with serve_process(work, "workers = 2", admin=_free_port_pair()) as process:
+
+        def ready(port: int) -> bool:
+            if not process.alive():
+                raise AssertionError(f"twofold serve exited ({process.process.returncode}):\n{process.log()}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(lambda: ready(process.admin) and ready(process.admin + 1), 60, 0.2)
         key = keys.generate_private_key("ec")
         cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
         (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
         (work / "mtls.key").write_bytes(keys.private_key_bytes(key))
-        fingerprint = asyncio.run(_seed(running.data / "twofold.db", certs.certificate_pem(cert)))
+        fingerprint = asyncio.run(_seed(process.data / "twofold.db", certs.certificate_pem(cert)))
         yield Served(
-            running.data,
-            running.ports["cat"],
-            running.admin_port,
-            work / "mtls.crt",
-            work / "mtls.key",
-            fingerprint,
+            process.data, process.cat, process.admin, work / "mtls.crt", work / "mtls.key", fingerprint
         )
 
 

@@ -15,7 +15,15 @@ from aiohttp import web
 
 from twofold.portal.openapi import STR as _STR
 from twofold.portal.openapi import Route, openapi_document
-from twofold.portal.web import CONFIG, REGISTRY, issuer_for, require_operator, require_principal
+from twofold.portal.web import (
+    CONFIG,
+    REGISTRY,
+    check_json_text,
+    issuer_for,
+    read_form,
+    require_operator,
+    require_principal,
+)
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
 
@@ -29,10 +37,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # not JSON, not UTF-8 (UnicodeDecodeError), unknown charset
         raise RegistryError("the request body is not valid JSON", code="bad_json") from None
+    except RecursionError:
+        raise RegistryError(
+            "the request body is nested too deeply; a request is a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise RegistryError("the request body must be a JSON object", code="bad_json")
+    check_json_text(body)
     return body
 
 
@@ -167,7 +180,7 @@ async def _upload(request: web.Request, field: str) -> tuple[dict[str, Any], byt
     """The other fields and the file of an upload: multipart (a ``file`` part), or JSON with
     ``field`` as PEM text or ``field + "_der"`` as base64 DER."""
     if request.content_type.startswith("multipart/"):
-        form = await request.post()
+        form = await read_form(request)
         upload = form.get("file")
         data = upload.file.read() if isinstance(upload, web.FileField) else str(upload or "").encode()
         return {k: str(v) for k, v in form.items() if k != "file"}, data
