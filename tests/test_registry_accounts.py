@@ -398,18 +398,21 @@ async def test_the_checklist_follows_the_registry(registry: Registry, clock: Clo
 
 
 async def test_migration_0003_upgrades_an_existing_database(registry_url: str) -> None:
-    """A database made by 0002 with users, a session and a token in it: 0003 keeps all of
-    it (no invitation pending, no second factor yet, the session not past one)."""
+    """A database at the revision before 0003, with a user and a session in it: 0003 keeps
+    all of it (no invitation pending, no second factor yet, the session not past one)."""
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     from twofold.registry.db import alembic_config
 
-    await asyncio.to_thread(command.upgrade, alembic_config(registry_url), "0002")
+    config = alembic_config(registry_url)
+    previous = ScriptDirectory.from_config(config).get_revision("0003").down_revision
+    await asyncio.to_thread(command.upgrade, config, str(previous))
     old = await Registry.open(registry_url, migrate=False)
     try:
         await old.ensure_defaults()
         await old.add_org(SYSTEM, "acme")
-        async with old.engine.begin() as conn:  # the 0002 schema, written as 0002's code did
+        async with old.engine.begin() as conn:  # the old schema, written as the old code did
             from sqlalchemy import text
 
             await conn.execute(

@@ -28,6 +28,8 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
+from twofold.lifecycle import ExpiryNotifier, NoticeSigner
 from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
@@ -88,6 +90,11 @@ class ServeConfig:
     smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
     mail_from: str = DEFAULT_SENDER
     link_lifetime_hours: float = 72.0  # how long invitation and password-reset links work
+    # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
+    # (and "passphrase_file" for an encrypted key).
+    issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
+    local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
+    notice_interval: float = 300.0  # seconds between looks for due expiry notices
 
     @property
     def db_url(self) -> str:
@@ -113,6 +120,21 @@ class ServeConfig:
             sender=self.mail_from,
             cafile=self.smtp_cafile,
         ).check()
+
+    def issuing_files(self) -> dict[str, IssuingFiles]:
+        files = {}
+        allowed = {"key", "cert", "passphrase_file"}
+        for env_id, entry in self.issuing_ca.items():
+            if not isinstance(entry, dict) or not {"key", "cert"} <= set(entry) or set(entry) - allowed:
+                raise UsageError(
+                    f'[issuing_ca.{env_id}] needs key = "…" and cert = "…" (and optionally '
+                    'passphrase_file = "…")'
+                )
+            passphrase = entry.get("passphrase_file")
+            files[env_id] = IssuingFiles(
+                Path(entry["key"]), Path(entry["cert"]), Path(passphrase) if passphrase else None
+            )
+        return files
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -354,9 +376,11 @@ async def run(
     nofile = raise_nofile_limit()
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
     config.link_lifetime  # noqa: B018 - checked at start too
+    issuing = config.issuing_files()  # so does an issuing CA setting
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
+    issuers = IssuingCAs(config.data, issuing)
     mailer = make_mailer(mail, config.data)
     if not mail.smtp:
         announce(
@@ -365,8 +389,16 @@ async def run(
     registry = await Registry.open(config.db_url)
     try:
         await bootstrap(registry, announce)
+        await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
+        signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
+        # The expiry metric is served with the gateway's on the admin listener, not computed on
+        # the request path: the notifier keeps its facts fresh.
+        gateways.gateway.metrics.registry.register(notifier.collector())
+        lifecycle_stop = asyncio.Event()
+        lifecycle = asyncio.create_task(notifier.run(lifecycle_stop, interval=config.notice_interval))
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
@@ -380,6 +412,8 @@ async def run(
                     public_url=config.public_url,
                     mailer=mailer,
                     link_lifetime=config.link_lifetime,
+                    issuers=issuers,
+                    notice_jwks=signer.jwks(),
                 ),
             ),
             access_log=None,
@@ -420,6 +454,8 @@ async def run(
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
+        lifecycle_stop.set()
+        await lifecycle
         await gateways.stop()
         await portal.cleanup()
         for process in workers:

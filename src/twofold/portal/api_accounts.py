@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from twofold.portal.api_base import Route, _field, _json_body, _registry
+from twofold.portal.api_base import _field, _json_body, _registry
 from twofold.portal.mails import require_mailer, send_link
+from twofold.portal.openapi import Route
 from twofold.portal.web import CONFIG, require_operator, require_principal
 from twofold.registry.rules import RegistryError
 

@@ -1,10 +1,7 @@
-"""What the JSON API's modules share: the route description (also the OpenAPI document)
-and reading JSON bodies."""
+"""What the JSON API's modules share: the registry and reading JSON bodies."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -12,20 +9,6 @@ from aiohttp import web
 from twofold.portal.web import REGISTRY, check_json_text
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    who: str = "any user"  # shown in the OpenAPI description
-    body: dict[str, Any] | None = None  # JSON schema of the request body
-    query: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _registry(request: web.Request) -> Registry:

@@ -6,7 +6,9 @@ organisation; API Security users manage certificates; Developers manage projects
 operators manage organisations, users, environments and products.
 
 One class, :class:`Registry`, composed of one mixin per aggregate (each in its own module):
-sessions and tokens, accounts, invitations and links, the second factor, the catalogue, projects, certificates, the sandbox's payments, recent gateway calls and dashboards;
+sessions and tokens, accounts, invitations and links, the second factor, the catalogue,
+projects, certificates (and their issuance from CSRs), expiry notices, the sandbox's payments,
+recent gateway calls and dashboards;
 their foundation (engine, transactions, audit) is :mod:`twofold.registry.base`.
 """
 
@@ -23,9 +25,11 @@ from twofold.registry.catalogue import (
     env_view,
     product_view,
 )
-from twofold.registry.certificates import CertificatesMixin, cert_view
+from twofold.registry.certificates import cert_view
 from twofold.registry.invitations import DEFAULT_LINK_LIFETIME, InvitationsMixin, Link, LinkInvalid
+from twofold.registry.issuance import IssuanceMixin
 from twofold.registry.mfa import MfaMixin
+from twofold.registry.notices import NoticesMixin
 from twofold.registry.payments import PaymentsMixin
 from twofold.registry.projects import ProjectsMixin
 from twofold.registry.rules import USES
@@ -37,7 +41,8 @@ class Registry(
     AccountsMixin,
     CatalogueMixin,
     ProjectsMixin,
-    CertificatesMixin,
+    IssuanceMixin,
+    NoticesMixin,
     PaymentsMixin,
     CallsMixin,
 ):

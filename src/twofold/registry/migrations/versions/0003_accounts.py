@@ -1,7 +1,7 @@
 """accounts: invitations and reset links, TOTP second factor, recovery codes, recent gateway calls
 
 Revision ID: 0003
-Revises: 0002
+Revises: 0004 (re-chained after the certificate-lifecycle migration when main was merged)
 Create Date: 2026-12-01
 
 Upgrades an existing database in place: existing users keep their passwords and sessions
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0002"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
