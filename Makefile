@@ -39,7 +39,7 @@ typecheck: $(DEPS)
 	$(BIN)/mypy
 
 unit: $(DEPS)
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 bench: $(DEPS) system-deps
 	$(BIN)/python bench/jws_bench.py

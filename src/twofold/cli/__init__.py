@@ -9,9 +9,11 @@ from twofold.cli._common import Group
 from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
+from twofold.cli.demo import demo
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
-from twofold.cli.serve import demo, serve_command
+from twofold.cli.portal_projects import project
+from twofold.cli.serve import serve_command
 
 
 @click.group(
@@ -31,7 +33,7 @@ Provider side:
   serve    portal + gateway per environment + sandbox API, in one command
   demo     walk the whole flow against a running serve
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
-  portal   register certificates through the portal API (CI pipelines)
+  portal   certificates and projects through the portal API (CI pipelines)
 
 \b
 Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
@@ -56,4 +58,5 @@ main.add_command(call)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
+portal.add_command(project)
 main.add_command(portal)
