@@ -96,27 +96,29 @@ class Served:
                 self.process.wait(5)
 
 
-def user_env(root: Path) -> dict[str, str]:
+def user_env(aside: Path) -> dict[str, str]:
     """The environment of a person's shell: the venv's bin first on PATH, nothing of twofold's
-    own variables from the caller, a runtime directory of this test's own."""
+    own variables from the caller, a runtime directory of this test's own (in ``aside``)."""
     env = {k: v for k, v in os.environ.items() if k not in DROPPED}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["TWOFOLD_RUNTIME_DIR"] = str(root / ".runtime")
+    env["TWOFOLD_RUNTIME_DIR"] = str(aside / ".runtime")
     env["NO_COLOR"] = "1"
     return env
 
 
-def start_serve(root: Path) -> Served:
-    """`twofold serve --config twofold.toml` in ``root`` (its data directory: ./data), ready."""
+def start_serve(root: Path, aside: Path | None = None) -> Served:
+    """`twofold serve` in ``root`` (its data directory: ./data), ready; its free ports in a
+    twofold.toml, its log and runtime directory in ``aside`` (default: ``root``)."""
+    aside = aside or root
     root.mkdir(parents=True, exist_ok=True)
+    aside.mkdir(parents=True, exist_ok=True)
     portal, cat, prod, admin = free_port(), free_port(), free_port(), free_port()
-    (root / "twofold.toml").write_text(
-        f"portal_port = {portal}\nadmin_port = {admin}\n[ports]\ncat = {cat}\nprod = {prod}\n"
-    )
-    env = user_env(root)
-    log = root / "serve.log"
+    config = aside / "twofold.toml"
+    config.write_text(f"portal_port = {portal}\nadmin_port = {admin}\n[ports]\ncat = {cat}\nprod = {prod}\n")
+    env = user_env(aside)
+    log = aside / "serve.log"
     process = subprocess.Popen(
-        [TWOFOLD, "serve", "--config", "twofold.toml", "--no-access-log"],
+        [TWOFOLD, "serve", "--config", str(config), "--no-access-log"],
         cwd=root,
         env=env,
         stdout=subprocess.DEVNULL,
