@@ -423,3 +423,23 @@ def test_serve_on_a_port_in_use_says_which_and_what_to_do(tmp_path: Path) -> Non
         f"error[port_unavailable]: cannot listen on 127.0.0.1:{port} for the portal: the port is in use"
     )
     assert "[ports]" in last  # printed as written, not eaten as markup
+
+
+def test_an_encrypted_signing_key_without_its_passphrase_says_how_to_give_it(
+    material: Material, tmp_path: Path
+) -> None:
+    encrypted = tmp_path / "sign.key"
+    encrypted.write_bytes(keys.private_key_bytes(keys.generate_private_key("ec"), passphrase=b"a passphrase"))
+    result = CliRunner().invoke(
+        main,
+        ["call", f"https://127.0.0.1:{material.closed_port}/x", "-d", "{}", "--cert", material.path("good.crt"),
+         "--key", material.path("good.key"), "--sign-key", str(encrypted)],
+        env={k: None for k in CLEAN_ENV},
+    )  # fmt: skip
+    assert result.exit_code == 1
+    line = plain(result.stderr).strip()
+    assert line.startswith(f"error[key_passphrase_required]: the private key in {encrypted} is encrypted"), (
+        line
+    )
+    for way in ("--sign-passphrase-file FILE", "TWOFOLD_KEY_PASSPHRASE", "--sign-passphrase-env VAR"):
+        assert way in line, line

@@ -105,6 +105,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = work / "serve.log"
     process = subprocess.Popen(
         [TWOFOLD, "serve", "--data", str(data), "--config", str(config), "--no-access-log"],
+        env={**os.environ, "TWOFOLD_RUNTIME_DIR": str(work / "runtime")},  # announced to this test only
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
         start_new_session=True,
