@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
+SERVE_ARGS ?=   # e.g. make run SERVE_ARGS="--config twofold.toml" (other ports, PostgreSQL …)
 
 .PHONY: run test lint typecheck unit bench bench-gateway system-deps clean walkthrough
 
@@ -18,7 +19,7 @@ $(DEPS): pyproject.toml | $(BIN)/python
 
 ## make run: the main job — portal, gateways (cat :8443, prod :9443) and sandbox on SQLite.
 run: $(DEPS)
-	$(BIN)/twofold serve --data $(DATA)
+	$(BIN)/twofold serve --data $(DATA) $(SERVE_ARGS)
 
 ## make walkthrough: the client toolkit walkthrough against a throwaway local mTLS endpoint.
 walkthrough: $(DEPS)
