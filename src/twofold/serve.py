@@ -27,6 +27,7 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, new_password
@@ -51,10 +52,34 @@ class ServeConfig:
     upstream_timeout: float = 30.0
     access_log: bool = True
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+    portal_url: str | None = (
+        None  # how people reach the portal (links in mail); default https://localhost:PORT
+    )
+    smtp: str | None = None  # "host:port"; none: mail is written to <data>/outbox/
+    smtp_security: str = "starttls"  # starttls | ssl | none (loopback only)
+    smtp_username: str | None = None
+    smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
+    smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
+    mail_from: str = DEFAULT_SENDER
 
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def public_url(self) -> str:
+        return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    def mail_settings(self) -> MailSettings:
+        """Checked now, so that a setting that cannot work stops `serve` at start."""
+        return MailSettings(
+            smtp=self.smtp,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=read_password(self.smtp_password_file) if self.smtp_username else None,
+            sender=self.mail_from,
+            cafile=self.smtp_cafile,
+        ).check()
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -109,7 +134,7 @@ def _check_settings(path: str, raw: dict[str, Any]) -> None:
             ):
                 raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
             continue
-        kind, bounds = _SETTINGS[name]
+        kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs)
         wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
         if not wrong and bounds is not None and not bounds[0] <= value <= bounds[1]:
             wrong = True
@@ -326,8 +351,14 @@ async def run(
     """Run until SIGINT/SIGTERM (or ``stop``). With ``register`` the serve says where it is
     (data directory, ports, CA) in the user's runtime directory while it runs, for commands
     run from elsewhere (:mod:`twofold.running`)."""
+    mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
     _prepare_data(config.data)
     check_sqlite_location(config.db_url)
+    mailer = make_mailer(mail, config.data)
+    if not mail.smtp:
+        announce(
+            f'no SMTP server configured: mail is written to {config.data / "outbox"}/ (smtp = "host:port" sends it)'
+        )
     try:
         registry = await Registry.open(config.db_url)
     except (DBAPIError, OSError) as exc:
@@ -343,7 +374,12 @@ async def run(
             if config.ports.get(e["id"], e["gateway_port"])
         )
         portal = web.AppRunner(
-            init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
+            init_app(
+                registry,
+                PortalConfig(gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer),
+            ),
+            access_log=None,
+            handle_signals=False,
         )
         await portal.setup()
         portal_site = web.TCPSite(

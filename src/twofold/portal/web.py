@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from twofold.errors import TwofoldError
+from twofold.mail import Mailer
 from twofold.registry.auth import Principal
 from twofold.registry.rules import Forbidden, Unauthorized
 from twofold.registry.service import Registry
@@ -29,6 +30,8 @@ class PortalConfig:
     secure_cookies: bool = True
     title: str = "twofold developer portal"
     gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
+    public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
+    mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
 
 
 REGISTRY = web.AppKey("registry", Registry)
