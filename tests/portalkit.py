@@ -23,6 +23,7 @@ from twofold.aio import LoopThread
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
+from twofold.listener import GuardedSite
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal
@@ -41,7 +42,7 @@ PROD_CA = LocalCA("twofold prod issuing CA")
 class PortalServer:
     """``init_app`` over HTTPS (``server_context(..., require_client_cert=False)``)."""
 
-    def __init__(self, db_path: Path, *, config: PortalConfig | None = None) -> None:
+    def __init__(self, db_path: Path | str, *, config: PortalConfig | None = None) -> None:
         self.db_path = db_path
         self.config = config or PortalConfig(secure_cookies=True)
         issued = SERVER_CA.issue("localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1"])
@@ -80,7 +81,7 @@ class PortalServer:
         self.registry = registry
         self._runner = web.AppRunner(init_app(registry, self.config), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
+        site = GuardedSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)  # as `twofold serve` does
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from clientkit import plain
-from servekit import Served, start_serve
+from servekit import Served, serve_beside
 from twofold.cli.portal import Portal, resolve_fingerprint
 from twofold.crypto import certs, keys
 from twofold.errors import TwofoldError
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.xdist_group("cli-with-serve")
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    served = start_serve(tmp_path_factory.mktemp("serve"))
-    try:
+    base = tmp_path_factory.mktemp("serve")
+    with serve_beside(base / "root", base / "aside") as served:
         ok(served.twofold("admin", "org", "add", "acme"))
         ok(served.twofold("admin", "user", "add", "--org", "acme", "--email", "sec@acme.test",
                           "--role", "api_security", "--role", "developer"))  # fmt: skip
@@ -39,8 +39,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             served.twofold("admin", "token", "new", "--email", "sec@acme.test")
         ).stdout.strip()
         yield served
-    finally:
-        served.stop()
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_binary
-from servekit import Served, start_serve
+from servekit import Served, serve_beside
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -64,11 +64,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     for tool in ("openssl", "curl", "jq", "git"):
         require_binary(tool)
     base = tmp_path_factory.mktemp("readme")
-    served = start_serve(base / "clone", aside=base / "aside")
-    try:
+    with serve_beside(base / "clone", base / "aside") as served:
         yield served
-    finally:
-        served.stop()
 
 
 def test_the_blocks_are_what_this_test_expects() -> None:
@@ -84,7 +81,7 @@ def test_the_blocks_are_what_this_test_expects() -> None:
 
 def test_the_readme_runs_top_to_bottom(served: Served) -> None:
     root = served.root
-    env_file = served.root.parent / "aside" / "shell.env"  # the session's variables, block to block
+    env_file = served.process.work / "shell.env"  # the session's variables, block to block
     env_file.write_text("")
     found = blocks(README.read_text())
     quick_start = next(b for b in found if b.language == "sh")
@@ -111,7 +108,7 @@ def test_the_readme_runs_top_to_bottom(served: Served) -> None:
         transcript.append(f"--- {block.where()}\n{done.stdout}{done.stderr}")
         assert done.returncode == 0, (
             f"the block at {block.where()} failed (exit {done.returncode}):\n{block.text}\n"
-            f"{done.stdout}\n{done.stderr}\n\nserve log:\n{served.log.read_text()[-2000:]}"
+            f"{done.stdout}\n{done.stderr}\n\nserve log:\n{served.log()[-2000:]}"
         )
         assert "Traceback" not in done.stderr, done.stderr
     output = "\n".join(transcript)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import errno
 import gc
 import logging
@@ -13,12 +14,15 @@ import os
 import signal
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from cryptography import x509
 from sqlalchemy.exc import DBAPIError
 
 from twofold import running
@@ -27,6 +31,7 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
@@ -52,6 +57,30 @@ class ServeConfig:
     upstream_timeout: float = 30.0
     access_log: bool = True
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+    # Every listener (portal, gateways): see twofold.listener.ConnectionLimits.
+    header_timeout: float = ConnectionLimits.header_timeout
+    body_timeout: float = ConnectionLimits.body_timeout
+    idle_timeout: float = ConnectionLimits.idle_timeout
+    max_connections: int = ConnectionLimits.max_connections  # per listener
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
+        if not isinstance(self.max_connections, int):
+            raise UsageError(f"max_connections must be a whole number, not {self.max_connections!r}")
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The connection limits as configured (``fitted`` to the open-files limit at start)."""
+        return ConnectionLimits(
+            header_timeout=float(self.header_timeout),
+            body_timeout=float(self.body_timeout),
+            idle_timeout=float(self.idle_timeout),
+            max_connections=self.max_connections,
+        )
+
     portal_url: str | None = (
         None  # how people reach the portal (links in mail); default https://localhost:PORT
     )
@@ -121,6 +150,11 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "max_body": (int, (1, 1 << 30)),
     "upstream_timeout": ((int, float), (0.001, 3600)),
     "access_log": (bool, None),
+    # the connection limits: __post_init__ checks they are positive
+    "header_timeout": ((int, float), None),
+    "body_timeout": ((int, float), None),
+    "idle_timeout": ((int, float), None),
+    "max_connections": (int, None),
 }
 
 
@@ -150,7 +184,7 @@ class Credentials:
     ca: LocalCA
     ca_path: Path
     server_key: keys.PrivateKey
-    server_cert: Any
+    server_cert: x509.Certificate
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -174,18 +208,45 @@ def local_tls(data: Path, announce: Callable[[str], None]) -> Credentials:
         _write_secret(ca_key_path, keys.private_key_bytes(ca.key))
         ca_path.write_bytes(certs.certificate_pem(ca.certificate))
         announce(f"created a local CA: {ca_path} (clients use it with --cacert)")
+    server_cert = None
     if key_path.exists() and cert_path.exists():
         server_key = keys.load_private_key(key_path.read_bytes(), name=str(key_path))
         server_cert = certs.load_certificate(cert_path.read_bytes(), name=str(cert_path))
-    else:
+        why = _renew_because(server_cert)
+        if why:
+            announce(f"renewing the server certificate {cert_path}: {why}")
+            server_cert = None
+    if server_cert is None:
         issued = ca.issue(
-            "localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"], days=825
+            "localhost",
+            usage="server",
+            sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"],
+            days=SERVER_CERT_DAYS,
         )
         server_key, server_cert = issued.key, issued.certificate
         _write_secret(key_path, keys.private_key_bytes(server_key))
         cert_path.write_bytes(certs.certificate_pem(server_cert))
         announce(f"created the server certificate for localhost: {cert_path}")
     return Credentials(ca, ca_path, server_key, server_cert)
+
+
+# TLS server certificates live at most 398 days for browsers and 366 in Mozilla's guidelines
+# (sslyze --mozilla_config checks it); the one serve makes lives a year and is renewed at start
+# when it has less than a month left (or is one of the 825-day certificates of older versions).
+SERVER_CERT_DAYS = 365
+MAX_SERVER_CERT_DAYS = 366
+RENEW_DAYS = 30
+
+
+def _renew_because(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    now = now or dt.datetime.now(dt.UTC)
+    lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if lifespan > dt.timedelta(days=MAX_SERVER_CERT_DAYS):
+        return f"it lives {lifespan.days} days, more than {MAX_SERVER_CERT_DAYS}"
+    left = certs.days_left(cert.not_valid_after_utc, now)
+    if left < RENEW_DAYS:
+        return f"it expires in {left} days" if left > 0 else "it has expired"
+    return None
 
 
 async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None:
@@ -242,6 +303,10 @@ def _configure_logging(access_log: bool) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp warns (to stderr) about a malformed Content-Disposition in a client's multipart
+    # body, quoting it: the client's mistake, answered with a 400, and its bytes stay out of the log.
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionHeader)
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionParam)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -351,6 +416,7 @@ async def run(
     """Run until SIGINT/SIGTERM (or ``stop``). With ``register`` the serve says where it is
     (data directory, ports, CA) in the user's runtime directory while it runs, for commands
     run from elsewhere (:mod:`twofold.running`)."""
+    nofile = raise_nofile_limit()
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
     _prepare_data(config.data)
     check_sqlite_location(config.db_url)
@@ -382,10 +448,19 @@ async def run(
             handle_signals=False,
         )
         await portal.setup()
-        portal_site = web.TCPSite(
+        limits = config.limits.fitted(listeners=1 + len(gateways.listeners), nofile=nofile)
+        if limits.max_connections < config.max_connections:
+            log.warning(
+                "at most %d connections per listener (not %d): the open-files limit is %d",
+                limits.max_connections,
+                config.max_connections,
+                nofile,
+            )
+        portal_site = GuardedSite(
             portal,
             config.host,
             config.portal_port,
+            limits=limits,
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
         try:
@@ -403,6 +478,8 @@ async def run(
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
+            "open_files": nofile,
+            "max_connections": limits.max_connections,
         }
         if register:
             running.announce(_running(config, facts, tls))
@@ -467,6 +544,7 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
     _install_uvloop()
     _configure_logging(config.access_log)
+    raise_nofile_limit()
 
     async def main() -> None:
         tls = local_tls(config.data, lambda _m: None)

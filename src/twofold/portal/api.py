@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from twofold import __version__
-from twofold.portal.web import REGISTRY, require_operator, require_principal
+from twofold.portal.web import REGISTRY, check_json_text, read_form, require_operator, require_principal
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
 
@@ -44,10 +44,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # not JSON, not UTF-8 (UnicodeDecodeError), unknown charset
         raise RegistryError("the request body is not valid JSON", code="bad_json") from None
+    except RecursionError:
+        raise RegistryError(
+            "the request body is nested too deeply; a request is a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise RegistryError("the request body must be a JSON object", code="bad_json")
+    check_json_text(body)
     return body
 
 
@@ -171,7 +176,7 @@ async def add_certificate(request: web.Request) -> web.Response:
     ``certificate_der``), or multipart with fields environment, use and file."""
     who = require_principal(request)
     if request.content_type.startswith("multipart/"):
-        form = await request.post()
+        form = await read_form(request)
         upload = form.get("file")
         data = upload.file.read() if isinstance(upload, web.FileField) else str(upload or "").encode()
         env, use = str(form.get("environment", "")), str(form.get("use", ""))

@@ -243,7 +243,9 @@ class CertificatesMixin(RegistryBase):
             )
             if not actor.is_operator:
                 query = query.where(Certificate.org_id == actor.org_id)
-            row = (await session.execute(query)).scalar()
+            # Locked (PostgreSQL; SQLite transactions are serial): a concurrent removal of the
+            # same row waits here, then finds it no longer active — one removal, one audit entry.
+            row = (await session.execute(query.with_for_update())).scalar()
             if row is None:
                 raise NotFound(
                     f"no active certificate {fingerprint[:16]}… in environment {env_id}",
