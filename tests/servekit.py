@@ -1,13 +1,19 @@
 """`twofold serve` as an operator runs it: the real command in its own process (its own
 logging, limits and signals), on free ports, with a TOML settings file; its stderr and
-stdout go to files that tests read (the real log output). It announces itself (for `twofold
-demo` and the hints) in a runtime directory of the test's own, never the user's.
+stdout go to files that tests read (the real log output).
 
-And a person's shell beside it (:class:`Served`): the serve's working directory holding its
-./data, the venv's bin on PATH, and the `twofold` command run as typed there."""
+:func:`serving` adds what the suites that drive it from outside need (rotation under load,
+doctor): operator steps straight on the registry database, organisation users with API
+tokens through the portal API and the `twofold` CLI.
+
+Every serve started here announces itself (for `twofold demo` and the hints) in a runtime
+directory of its own, never the user's. :func:`serve_beside` adds a person's shell beside a
+serve (:class:`Shell`): the serve's working directory holding its ./data, the venv's bin on
+PATH, and the `twofold` command run as typed there."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -15,16 +21,20 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from click.testing import CliRunner
 
 from gatewaykit import free_port, wait_until
 from twofold.cli import main
+from twofold.registry.auth import SYSTEM
+from twofold.registry.service import Registry
 
+T = TypeVar("T")
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 BIN = Path(sys.executable).parent
 DROPPED = (
@@ -147,6 +157,132 @@ def serve_process(
             process.wait(5)
 
 
+# --- driving a running serve from outside ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    org: str
+    email: str
+    token: str
+    project_id: int
+
+
+@dataclass
+class Served:
+    proc: ServeProcess
+
+    @property
+    def data(self) -> Path:
+        return self.proc.data
+
+    @property
+    def ca(self) -> Path:
+        return self.proc.ca
+
+    @property
+    def admin_port(self) -> int:
+        return self.proc.admin
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"cat": self.proc.cat, "prod": self.proc.prod}
+
+    @property
+    def portal(self) -> str:
+        return f"https://localhost:{self.proc.portal}"
+
+    def gateway(self, env: str = "cat") -> str:
+        return f"https://localhost:{self.ports[env]}"
+
+    def registry(self, work: Callable[[Registry], Awaitable[T]]) -> T:
+        async def run() -> T:
+            registry = await Registry.open(str(self.data / "twofold.db"), migrate=False)
+            try:
+                return await work(registry)
+            finally:
+                await registry.close()
+
+        return asyncio.run(run())
+
+    def api(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.portal,
+            verify=self.proc.client_context(),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+
+    def member(self, slug: str, products: dict[str, list[str]]) -> Member:
+        """An organisation with an API Security + Developer user, a token, and a project with
+        ``products`` per environment."""
+        email = f"security@{slug}.example"
+
+        async def seed(registry: Registry) -> str:
+            await registry.add_org(SYSTEM, slug, f"{slug.title()} Ltd")
+            await registry.add_user(
+                SYSTEM, email, org=slug, roles=["api_security", "developer"], password=None
+            )
+            return await registry.create_token(SYSTEM, "tests", for_email=email)
+
+        token = self.registry(seed)
+        with self.api(token) as api:
+            project = api.post("/api/v1/projects", json={"name": f"{slug} treasury"})
+            assert project.status_code == 201, project.text
+            project_id = int(project.json()["id"])
+            for env, names in products.items():
+                for name in names:
+                    added = api.put(f"/api/v1/projects/{project_id}/products/{env}/{name}")
+                    assert added.status_code == 200, added.text
+        return Member(slug, email, token, project_id)
+
+    def cli(
+        self, member: Member | None, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TWOFOLD_PORTAL": self.portal, "TWOFOLD_CACERT": str(self.ca)}
+        env.pop("TWOFOLD_TOKEN", None)
+        if member is not None:
+            env["TWOFOLD_TOKEN"] = member.token
+        return subprocess.run([TWOFOLD, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+    def credentials(self, member: Member, directory: Path, cn: str, env: str = "cat") -> None:
+        """`twofold init` (RSA keys, self-signed) into ``directory``; both certificates registered
+        by the CLI, and the gateway told."""
+        done = self.cli(None, "init", "--cn", cn, "--out", str(directory))
+        assert done.returncode == 0, done.stderr
+        for use, name in (("mtls", "mtls"), ("signature", "sign")):
+            done = self.cli(
+                member, "portal", "cert", "add", "--env", env, "--use", use, str(directory / f"{name}.crt")
+            )
+            assert done.returncode == 0, done.stderr
+        self.sync()
+
+    def seen_version(self) -> int:
+        return int(
+            httpx.get(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=5).json()["registry_version"]
+        )
+
+    def sync(self, deadline: float = 5.0) -> None:
+        """Until the gateway's snapshot has every registry change made so far."""
+        want = self.registry(lambda r: r.version())
+        wait_until(lambda: self.seen_version() >= want, deadline)
+
+
+@contextlib.contextmanager
+def serving(work: Path) -> Iterator[Served]:
+    """:func:`serve_process` (access log off), ready once its gateway's /readyz says so."""
+    with serve_process(work) as proc:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{proc.admin}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, 30, 0.1)
+        yield Served(proc)
+
+
 # --- a person's shell beside the serve -------------------------------------------------------
 
 
@@ -161,7 +297,7 @@ def user_env(aside: Path) -> dict[str, str]:
 
 
 @dataclass
-class Served:
+class Shell:
     """A serve whose working directory is ``root`` (its data: root/data), and the shell of a
     person working beside it."""
 
@@ -230,11 +366,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve_beside(root: Path, aside: Path) -> Iterator[Served]:
+def serve_beside(root: Path, aside: Path) -> Iterator[Shell]:
     """`twofold serve` run in ``root`` with its data in ./data, as `make run` runs it there;
     its settings, logs and runtime directory in ``aside`` (so that ``root`` holds only what a
     person's walkthrough writes)."""
     root.mkdir(parents=True, exist_ok=True)
     env = user_env(aside)
     with serve_process(aside, data=root / "data", cwd=root, env=env) as process:
-        yield Served(root, process, env)
+        yield Shell(root, process, env)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from clientkit import plain
-from servekit import Served, serve_beside
+from servekit import Shell, serve_beside
 from twofold.cli.portal import Portal, resolve_fingerprint
 from twofold.crypto import certs, keys
 from twofold.errors import TwofoldError
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.xdist_group("cli-with-serve")
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shell]:
     base = tmp_path_factory.mktemp("serve")
     with serve_beside(base / "root", base / "aside") as served:
         ok(served.twofold("admin", "org", "add", "acme"))
@@ -55,7 +55,7 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: str) -> str:
     return lines[0]
 
 
-def portal_env(served: Served) -> dict[str, str]:
+def portal_env(served: Shell) -> dict[str, str]:
     return {
         "TWOFOLD_PORTAL": served.portal,
         "TWOFOLD_CACERT": str(served.ca),
@@ -64,7 +64,7 @@ def portal_env(served: Served) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def creds(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def creds(served: Shell, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """acme's credentials from `twofold init`, in a client's own directory far from the serve's,
     registered, with balance and payments in a project."""
     client = tmp_path_factory.mktemp("client")
@@ -94,7 +94,7 @@ def creds(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return client
 
 
-def new_org(served: Served, slug: str) -> dict[str, str]:
+def new_org(served: Shell, slug: str) -> dict[str, str]:
     """An organisation with an API Security + Developer user; the portal variables for it."""
     ok(served.twofold("admin", "org", "add", slug))
     ok(served.twofold("admin", "user", "add", "--org", slug, "--email", f"sec@{slug}.test",
@@ -104,7 +104,7 @@ def new_org(served: Served, slug: str) -> dict[str, str]:
 
 
 def test_demo_from_another_directory_finds_the_running_serve_and_cleans_up(
-    served: Served, tmp_path: Path
+    served: Shell, tmp_path: Path
 ) -> None:
     """Item 1: `twofold demo` run elsewhere used the serve's portal but opened ./data (a
     traceback); now it finds the serve — its data, ports and CA — by itself."""
@@ -127,7 +127,7 @@ def test_demo_from_another_directory_finds_the_running_serve_and_cleans_up(
     assert list(elsewhere.iterdir()) == []
 
 
-def test_demo_keeps_by_default_and_says_what_it_left(served: Served, tmp_path: Path) -> None:
+def test_demo_keeps_by_default_and_says_what_it_left(served: Shell, tmp_path: Path) -> None:
     done = ok(served.twofold("demo", "--out", tmp_path / "demo", cwd=tmp_path))
     left = re.search(r"Left in the registry: the organisation (demo-[0-9a-f]+)", plain(done.stdout))
     assert left is not None, done.stdout
@@ -141,7 +141,7 @@ def test_demo_keeps_by_default_and_says_what_it_left(served: Served, tmp_path: P
     assert org not in slugs
 
 
-def test_init_hints_name_the_serves_ports_and_ca_and_run_as_printed(served: Served, tmp_path: Path) -> None:
+def test_init_hints_name_the_serves_ports_and_ca_and_run_as_printed(served: Shell, tmp_path: Path) -> None:
     """Item 5: the "Next:" lines of `twofold init` omitted --cacert (tls_server_untrusted when
     copied) and named port 8443 whatever the serve used. Copied as printed — registering the
     certificates and adding the products first, which they also show — they work."""
@@ -167,7 +167,7 @@ def test_init_hints_name_the_serves_ports_and_ca_and_run_as_printed(served: Serv
                 assert '"paymentInitiationResponse"' in done.stdout
 
 
-def test_call_takes_the_ca_from_twofold_cacert(served: Served, creds: Path) -> None:
+def test_call_takes_the_ca_from_twofold_cacert(served: Shell, creds: Path) -> None:
     """Item 5: the portal commands honoured TWOFOLD_CACERT, `twofold call` did not."""
     env = {"TWOFOLD_CACERT": str(served.ca)}
     args = (
@@ -185,7 +185,7 @@ def test_call_takes_the_ca_from_twofold_cacert(served: Served, creds: Path) -> N
     assert "tls_" not in served.twofold(*args, "-k", cwd=creds, env=env).stderr
 
 
-def test_projects_from_the_cli_open_the_gateway(served: Served, tmp_path: Path) -> None:
+def test_projects_from_the_cli_open_the_gateway(served: Shell, tmp_path: Path) -> None:
     """Item 4: without a CLI for projects a CLI-only user got 403 product_not_in_project."""
     env = new_org(served, "globex")
     client = tmp_path
@@ -237,7 +237,7 @@ def test_projects_from_the_cli_open_the_gateway(served: Served, tmp_path: Path) 
 
 
 def _until(
-    served: Served,
+    served: Shell,
     args: tuple[str, ...],
     cwd: Path,
     env: dict[str, str],
@@ -253,7 +253,7 @@ def _until(
 
 
 def _until_ok(
-    served: Served, args: tuple[str, ...], cwd: Path, env: dict[str, str]
+    served: Shell, args: tuple[str, ...], cwd: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     return _until(served, args, cwd, env, lambda done: done.returncode == 0)
 
@@ -269,7 +269,7 @@ def listening() -> Iterator[socket.socket]:
 
 
 def test_a_file_holding_a_private_key_never_leaves_the_machine(
-    served: Served, creds: Path, listening: socket.socket, openssl: str
+    served: Shell, creds: Path, listening: socket.socket, openssl: str
 ) -> None:
     """Item 2: `portal cert add` sent a .key, a certificate + key bundle or a .p12 to the server,
     which then had to say the key was exposed. The CLI has the file: it refuses at once."""
@@ -299,7 +299,7 @@ def test_a_file_holding_a_private_key_never_leaves_the_machine(
             listening.accept()  # not one connection was made
 
 
-def test_remove_a_certificate_by_a_prefix_or_by_its_file(served: Served, tmp_path: Path) -> None:
+def test_remove_a_certificate_by_a_prefix_or_by_its_file(served: Shell, tmp_path: Path) -> None:
     """Item 6: a prefix (as the portal shows) said "no active certificate"; the certificate
     file gave "not_found: no such page or endpoint"."""
     env = new_org(served, "umbrella")
@@ -353,7 +353,7 @@ def test_an_ambiguous_prefix_is_refused_with_the_candidates() -> None:
     assert resolve_fingerprint(_Listed(rows), "cat", "36:72:EB:2A:0") == rows[0]["fingerprint"]
 
 
-def test_messages_say_how_to_give_what_is_missing(served: Served, creds: Path) -> None:
+def test_messages_say_how_to_give_what_is_missing(served: Shell, creds: Path) -> None:
     """Item 7: a missing --token named only the option; now TWOFOLD_TOKEN too."""
     line = one_line_error(served.twofold("portal", "cert", "list"), "token_missing")
     assert "--token" in line
@@ -361,7 +361,7 @@ def test_messages_say_how_to_give_what_is_missing(served: Served, creds: Path) -
     assert "API tokens page" in line
 
 
-def test_call_writes_the_body_to_a_file_and_accepts_x5t(served: Served, creds: Path, tmp_path: Path) -> None:
+def test_call_writes_the_body_to_a_file_and_accepts_x5t(served: Shell, creds: Path, tmp_path: Path) -> None:
     """Item 11: `call -o FILE`; the signing certificate is --sign-cert in `call` and `jws sign`
     (documented), --x5t accepted in both."""
     env = {"TWOFOLD_CACERT": str(served.ca)}
@@ -388,7 +388,7 @@ def test_call_writes_the_body_to_a_file_and_accepts_x5t(served: Served, creds: P
     assert "--x5t" not in ok(served.twofold("jws", "sign", "--help")).stdout
 
 
-def test_admin_lists_have_a_header_row(served: Served) -> None:
+def test_admin_lists_have_a_header_row(served: Shell) -> None:
     """Item 11: `admin product list` printed rows without saying what the columns are."""
     rows = ok(served.twofold("admin", "product", "list")).stdout.splitlines()
     assert rows[0].split() == ["PRODUCT", "PATH", "SIGNATURE", "UPSTREAM"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_binary
-from servekit import Served, serve_beside
+from servekit import Shell, serve_beside
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -45,7 +45,7 @@ def blocks(markdown: str) -> list[Block]:
     ]
 
 
-def as_a_person_would(text: str, served: Served) -> str:
+def as_a_person_would(text: str, served: Shell) -> str:
     """The README names the default ports; this serve listens elsewhere."""
     for default, port in (
         ("localhost:8000", served.portal_port),
@@ -60,7 +60,7 @@ def as_a_person_would(text: str, served: Served) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shell]:
     for tool in ("openssl", "curl", "jq", "git"):
         require_binary(tool)
     base = tmp_path_factory.mktemp("readme")
@@ -79,7 +79,7 @@ def test_the_blocks_are_what_this_test_expects() -> None:
     assert {b.language for b in found} <= {"sh", "python", "toml", ""}
 
 
-def test_the_readme_runs_top_to_bottom(served: Served) -> None:
+def test_the_readme_runs_top_to_bottom(served: Shell) -> None:
     root = served.root
     env_file = served.process.work / "shell.env"  # the session's variables, block to block
     env_file.write_text("")

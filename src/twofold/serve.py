@@ -31,6 +31,8 @@ from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
+from twofold.lifecycle import ExpiryNotifier, NoticeSigner
 from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
@@ -90,6 +92,11 @@ class ServeConfig:
     smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
     smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
     mail_from: str = DEFAULT_SENDER
+    # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
+    # (and "passphrase_file" for an encrypted key).
+    issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
+    local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
+    notice_interval: float = 300.0  # seconds between looks for due expiry notices
 
     @property
     def db_url(self) -> str:
@@ -109,6 +116,21 @@ class ServeConfig:
             sender=self.mail_from,
             cafile=self.smtp_cafile,
         ).check()
+
+    def issuing_files(self) -> dict[str, IssuingFiles]:
+        files = {}
+        allowed = {"key", "cert", "passphrase_file"}
+        for env_id, entry in self.issuing_ca.items():
+            if not isinstance(entry, dict) or not {"key", "cert"} <= set(entry) or set(entry) - allowed:
+                raise UsageError(
+                    f'[issuing_ca.{env_id}] needs key = "…" and cert = "…" (and optionally '
+                    'passphrase_file = "…")'
+                )
+            passphrase = entry.get("passphrase_file")
+            files[env_id] = IssuingFiles(
+                Path(entry["key"]), Path(entry["cert"]), Path(passphrase) if passphrase else None
+            )
+        return files
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -155,6 +177,9 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "body_timeout": ((int, float), None),
     "idle_timeout": ((int, float), None),
     "max_connections": (int, None),
+    "issuing_ca": (dict, None),
+    "local_issuing_ca": (bool, None),
+    "notice_interval": ((int, float), (0.001, 30 * 86400)),
 }
 
 
@@ -168,12 +193,17 @@ def _check_settings(path: str, raw: dict[str, Any]) -> None:
             ):
                 raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
             continue
-        kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs)
+        kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs, files)
         wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
         if not wrong and bounds is not None and not bounds[0] <= value <= bounds[1]:
             wrong = True
         if wrong:
-            names: dict[object, str] = {str: "a string", int: "a whole number", bool: "true or false"}
+            names: dict[object, str] = {
+                str: "a string",
+                int: "a whole number",
+                bool: "true or false",
+                dict: "a table",
+            }
             expected = names.get(kind, "a number")
             limits = f" from {bounds[0]:g} to {bounds[1]:g}" if bounds else ""
             raise UsageError(f"{path}: {name} must be {expected}{limits}, not {value!r}")
@@ -418,8 +448,10 @@ async def run(
     run from elsewhere (:mod:`twofold.running`)."""
     nofile = raise_nofile_limit()
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    issuing = config.issuing_files()  # so does an issuing CA setting
     _prepare_data(config.data)
     check_sqlite_location(config.db_url)
+    issuers = IssuingCAs(config.data, issuing)
     mailer = make_mailer(mail, config.data)
     if not mail.smtp:
         announce(
@@ -432,8 +464,16 @@ async def run(
     try:
         tls = local_tls(config.data, announce)
         await bootstrap(registry, announce)
+        await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
+        signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
+        # The expiry metric is served with the gateway's on the admin listener, not computed on
+        # the request path: the notifier keeps its facts fresh.
+        gateways.gateway.metrics.registry.register(notifier.collector())
+        lifecycle_stop = asyncio.Event()
+        lifecycle = asyncio.create_task(notifier.run(lifecycle_stop, interval=config.notice_interval))
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
@@ -442,7 +482,13 @@ async def run(
         portal = web.AppRunner(
             init_app(
                 registry,
-                PortalConfig(gateway_urls=gateway_urls, public_url=config.public_url, mailer=mailer),
+                PortalConfig(
+                    gateway_urls=gateway_urls,
+                    public_url=config.public_url,
+                    mailer=mailer,
+                    issuers=issuers,
+                    notice_jwks=signer.jwks(),
+                ),
             ),
             access_log=None,
             handle_signals=False,
@@ -489,6 +535,8 @@ async def run(
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
+        lifecycle_stop.set()
+        await lifecycle
         await gateways.stop()
         await portal.cleanup()
         for process in workers:

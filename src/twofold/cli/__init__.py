@@ -10,9 +10,11 @@ from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
 from twofold.cli.demo import demo
+from twofold.cli.doctor import doctor
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
 from twofold.cli.portal_projects import project
+from twofold.cli.rotate import rotate
 from twofold.cli.serve import serve_command
 
 
@@ -27,6 +29,7 @@ Client toolkit:
   key      private keys          csr   certificate signing requests
   cert     certificates          jws   sign / verify compact JWS
   call     curl for mTLS + JWS APIs
+  doctor   why does a call fail? every check, with what to do
 
 \b
 Provider side:
@@ -34,6 +37,7 @@ Provider side:
   demo     walk the whole flow against a running serve
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
   portal   certificates and projects through the portal API (CI pipelines)
+  rotate   replace credentials with zero downtime (new key, register, probe, switch, remove old)
 
 \b
 Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
@@ -55,8 +59,10 @@ main.add_command(csr)
 main.add_command(cert)
 main.add_command(jws_group, "jws")
 main.add_command(call)
+main.add_command(doctor)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
 portal.add_command(project)
 main.add_command(portal)
+main.add_command(rotate)

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import click
 import httpx
 
-from twofold.cli._common import err, examples, print_json, read_file, table
+from twofold.cli._common import err, examples, print_json, read_file, table, write_file
 from twofold.client import client_context, explain_tls_failure
 from twofold.crypto import certs
 from twofold.errors import TwofoldError, UsageError
@@ -107,6 +107,7 @@ def api_call(portal_url: str, token: str, cacert: str | None, method: str, path:
     + examples(
         "export TWOFOLD_PORTAL=https://localhost:8000 TWOFOLD_TOKEN=tf_… TWOFOLD_CACERT=data/ca/ca.crt",
         "twofold portal cert add --env cat --use mtls acme-cat/mtls.crt",
+        "twofold portal cert request --env prod --use mtls prod/mtls.csr --out prod/mtls.crt",
         "twofold portal cert list --env cat",
         "twofold portal project add treasury",
         "twofold portal project product add treasury --env cat balance payments",
@@ -180,6 +181,67 @@ def cert_add(
         f"(expires {row['not_after'][:10]})",
         markup=False,
     )
+
+
+@cert.command(
+    "request",
+    help="Submit a CSR (PEM or DER) to an environment that issues certificates: its CA issues the "
+    "certificate, the portal registers it, and it is written to --out (the CA's chain to --chain)."
+    + examples(
+        "twofold csr new --key prod/mtls.key --subject '/O=Acme/CN=acme-prod' --out prod/mtls.csr",
+        "twofold portal cert request --env prod --use mtls prod/mtls.csr --out prod/mtls.crt --chain prod/ca.pem",
+        "openssl verify -CAfile prod/ca.pem prod/mtls.crt",
+    ),
+)
+@click.argument("csr_file")
+@click.option("--env", "env_id", required=True, help="Environment id, e.g. prod.")
+@click.option("--use", type=click.Choice(["mtls", "signature"]), required=True)
+@click.option(
+    "--out", "out_path", required=True, help="Where to write the issued certificate (PEM; '-' stdout)."
+)
+@click.option("--chain", "chain_path", help="Where to write the issuing CA's certificate (PEM).")
+@click.option("--days", type=click.IntRange(1, 3650), help="Validity (default: the environment's maximum).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--json", "as_json", is_flag=True)
+@portal_options
+def cert_request(
+    csr_file: str,
+    env_id: str,
+    use: str,
+    out_path: str,
+    chain_path: str | None,
+    days: int | None,
+    force: bool,
+    as_json: bool,
+    portal_url: str,
+    token: str | None,
+    cacert: str | None,
+) -> None:
+    portal = connect(portal_url, token, cacert)
+    data = read_file(csr_file, "the CSR file")
+    for path in (out_path, chain_path):  # refuse before anything is issued
+        if path and path != "-" and Path(path).exists() and not force:
+            raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    fields = {"environment": env_id, "use": use, **({"days": str(days)} if days else {})}
+    row = portal.call(
+        "POST",
+        "/api/v1/certificates/requests",
+        files={"file": (csr_file, data)},
+        data=fields,
+    )
+    write_file(out_path, row["certificate_pem"].encode(), force=True)
+    if chain_path:
+        write_file(chain_path, row["chain_pem"].encode(), force=True)
+    if as_json:
+        print_json({k: v for k, v in row.items() if not k.endswith("_pem")})
+        return
+    err.print(
+        f"issued and registered {row['use_label']} certificate {row['common_name']} in {env_id}: serial "
+        f"{row['serial']}, {row['fingerprint']} (expires {row['not_after'][:10]})",
+        markup=False,
+    )
+    if out_path != "-":
+        err.print(f"  certificate  {out_path}" + (f"\n  CA chain     {chain_path}" if chain_path else ""))
 
 
 @cert.command("list", help="List registered certificates (full SHA-256 fingerprints).")

@@ -11,6 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
+from twofold.portal import notices
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -93,6 +94,7 @@ async def render(
         "flash": _unquote(flash) if flash else None,
         "error": error,
         "path": request.path,
+        "expiring": await notices.expiring(request),  # the expiry banner (_expiry_banner.html)
     }
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     if flash:
@@ -203,7 +205,9 @@ async def _security(
     error: TwofoldError | None = None,
     use: str = "mtls",
     upload_error: bool = False,
+    **extra: Any,
 ) -> web.Response:
+    """The Security page; ``extra`` goes to the template (e.g. which form an error is about)."""
     who = _signed_in(request)
     registry = _registry(request)
     envs = await registry.list_environments()
@@ -227,12 +231,23 @@ async def _security(
             "can_manage": who.manages_certificates,
             "use": use,
             "gateway": gateway,
-            # An upload refused: the dialog opens again and shows why — not the page banner too.
-            "error_in_dialog": error is not None and who.manages_certificates and upload_error,
+            # An upload (or a CSR) refused: the dialog opens again and shows why — not the page
+            # banner too.
+            "error_in_dialog": error is not None
+            and who.manages_certificates
+            and (upload_error or extra.get("form") == "csr"),
+            "issued": await _issued(request, rows),
+            **extra,
         },
         status=status,
         error=error,
     )
+
+
+async def _issued(request: web.Request, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The certificate just issued from a CSR (``?issued=<fingerprint>``), to offer its download."""
+    wanted = request.query.get("issued", "").lower()
+    return next((row for row in rows if wanted and row["fingerprint"] == wanted), None)
 
 
 @routes.get("/security")

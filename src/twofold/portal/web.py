@@ -15,7 +15,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
+from twofold.crypto.ca import LocalCA
 from twofold.errors import TwofoldError
+from twofold.issuing import IssuingCAs
 from twofold.mail import Mailer
 from twofold.registry.auth import Principal
 from twofold.registry.rules import Forbidden, RegistryError, Unauthorized
@@ -35,6 +37,8 @@ class PortalConfig:
     gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
     public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
     mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
+    issuers: IssuingCAs | None = None  # the environments' issuing CAs (None: the portal issues nothing)
+    notice_jwks: dict[str, Any] | None = None  # verifies the portal's signed expiry notices
 
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -62,6 +66,18 @@ def require_operator(request: web.Request) -> Principal:
     if not who.is_operator:
         raise Forbidden("only platform operators may do this", code="operator_only")
     return who
+
+
+async def issuer_for(request: web.Request, env_id: str) -> LocalCA | None:
+    """The CA that issues for ``env_id`` as the registry names it, if this portal holds its key."""
+    issuers = request.app[CONFIG].issuers
+    if issuers is None:
+        return None
+    try:
+        expected = await request.app[REGISTRY].issuing_ca_pem(env_id)
+    except TwofoldError:
+        return None  # the registry says "no such environment" when asked to issue
+    return issuers.get(env_id, expected)
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
