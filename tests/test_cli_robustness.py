@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from clientkit import TWOFOLD, free_port, plain
 from twofold.cli import main
 from twofold.crypto import certs, keys
+from twofold.crypto.ca import LocalCA
 from twofold.registry.service import Registry
 
 # Commands whose bare invocation is a legitimate long-running job, not a missing input.
@@ -364,6 +365,17 @@ def test_admin_commands_never_create_a_registry_and_say_where_they_looked(
         for way in ("--data", "TWOFOLD_DATA", "--db", "TWOFOLD_DB", "twofold serve"):
             assert way in line, (way, line)
         assert len(line.splitlines()) == 1
+    # Nor does installing an issuing CA write into a data directory that holds no registry.
+    ca = LocalCA("stand-in issuing CA")
+    (tmp_path / "ca.key").write_bytes(keys.private_key_bytes(ca.key))
+    (tmp_path / "ca.crt").write_bytes(certs.certificate_pem(ca.certificate))
+    issuing = runner.invoke(
+        main,
+        ["admin", "env", "set", "prod", "--issuing-ca-key", "ca.key", "--issuing-ca-cert", "ca.crt"],
+        env=env,
+    )
+    assert issuing.exit_code == 2, issuing.output
+    assert "registry_not_found" in plain(issuing.stderr)
     assert not (tmp_path / "data").exists()
     # An empty database file (what older versions left behind) is not taken for a registry.
     (tmp_path / "data").mkdir()

@@ -390,19 +390,21 @@ def env_set(
     if issuing_ca_key and no_issuing_ca:
         raise UsageError("--no-issuing-ca and --issuing-ca-key contradict each other")
     issuing_pem: str | None = "" if no_issuing_ca else None
-    installed = None
+    issuer = None
     if issuing_ca_key and issuing_ca_cert:
         issuer = load_for_install(
             issuing_ca_key,
             issuing_ca_cert,
             passphrase_source(issuing_ca_passphrase_file, issuing_ca_passphrase_env, issuing_ca_key),
         )
-        installed = IssuingCAs(Path(data or DEFAULT_DATA)).install(env_id, issuer)
         issuing_pem = certs.certificate_pem(issuer.certificate).decode()
-    row = with_registry(
-        data,
-        db,
-        lambda r: r.save_environment(
+    installed = None
+
+    async def work(registry: Registry) -> dict[str, Any]:
+        nonlocal installed
+        if issuer is not None:  # into the serve's data directory, once its registry is found there
+            installed = IssuingCAs(Path(data or DEFAULT_DATA)).install(env_id, issuer)
+        return await registry.save_environment(
             SYSTEM,
             env_id,
             name=name,
@@ -411,8 +413,9 @@ def env_set(
             gateway_port=port,
             issuing_ca_pem=issuing_pem,
             max_validity_days=max_validity_days,
-        ),
-    )
+        )
+
+    row = with_registry(data, db, work)
     err.print(f"saved environment {row['id']} ({row['name']})")
     if installed is not None:
         err.print(
