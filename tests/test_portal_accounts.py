@@ -25,6 +25,7 @@ from twofold.cli import main
 from twofold.mail import MailSettings, SMTPMailer
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM
+from twofold.registry.db import migrate
 
 PUBLIC = "https://portal.example.test"
 NEW_PASSWORD = "my very own passphrase"
@@ -255,6 +256,7 @@ def test_operator_resets_a_second_factor_from_the_page(portal: PortalServer) -> 
 def test_cli_invite_writes_the_mail_to_the_outbox_and_resets_a_factor(tmp_path: Path) -> None:
     runner = CliRunner()
     data = tmp_path / "data"
+    migrate(str(data / "twofold.db"))  # the serve's registry (admin commands never create one)
     assert runner.invoke(main, ["admin", "org", "add", "acme", "--data", str(data)]).exit_code == 0
     config = tmp_path / "twofold.toml"
     config.write_text(f'data = "{data}"\nportal_url = "{PUBLIC}"\nlink_lifetime_hours = 24\n')
