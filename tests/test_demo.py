@@ -24,6 +24,7 @@ def test_demo_walks_the_invitation_flow(tmp_path: Path) -> None:
         [
             twofold,
             "demo",
+            "--start",
             "--config",
             str(config),
             "--data",

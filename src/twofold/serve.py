@@ -187,6 +187,7 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "issuing_ca": (dict, None),
     "local_issuing_ca": (bool, None),
     "notice_interval": ((int, float), (0.001, 30 * 86400)),
+    "link_lifetime_hours": ((int, float), (0.01, 24 * 30)),
 }
 
 
