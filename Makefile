@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
+SERVE_ARGS ?=   # e.g. make run SERVE_ARGS="--config twofold.toml" (other ports, PostgreSQL …)
 
 .PHONY: run test lint typecheck unit bench bench-gateway system-deps clean walkthrough
 
@@ -11,14 +12,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+SSLYZE := $(VENV)/sslyze/bin/sslyze
+
 # Reinstall when pyproject.toml changes.
 $(DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
 	touch $@
 
+# sslyze (the TLS scan of tests/test_tls_scan.py) in a virtualenv of its own: see pyproject.toml.
+$(SSLYZE): pyproject.toml | $(BIN)/python
+	$(PYTHON) -m venv $(VENV)/sslyze
+	$(VENV)/sslyze/bin/python -m pip install -q --upgrade pip
+	$(VENV)/sslyze/bin/python -m pip install -q --group tls-scan
+	touch $@
+
 ## make run: the main job — portal, gateways (cat :8443, prod :9443) and sandbox on SQLite.
 run: $(DEPS)
-	$(BIN)/twofold serve --data $(DATA)
+	$(BIN)/twofold serve --data $(DATA) $(SERVE_ARGS)
 
 ## make walkthrough: the client toolkit walkthrough against a throwaway local mTLS endpoint.
 walkthrough: $(DEPS)
@@ -26,7 +36,7 @@ walkthrough: $(DEPS)
 
 ## make test: install what the tests need (Python packages; openssl, curl, nginx,
 ## chromium from Debian when missing), then lint, type-check and run every suite.
-test: $(DEPS) system-deps lint typecheck unit
+test: $(DEPS) $(SSLYZE) system-deps lint typecheck unit
 
 system-deps:
 	@scripts/system-deps.sh
@@ -39,7 +49,7 @@ typecheck: $(DEPS)
 	$(BIN)/mypy
 
 unit: $(DEPS)
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 bench: $(DEPS) system-deps
 	$(BIN)/python bench/jws_bench.py

@@ -524,7 +524,7 @@ def running_world(
         max_body=MAX_BODY,
         upstream_timeout=UPSTREAM_TIMEOUT,
         access_log=True,
-        **settings,
+        **settings,  # e.g. the timeouts, smtp
     )
     access = AccessLog()
     logger = logging.getLogger("twofold.access")

@@ -10,6 +10,7 @@ each test leaves the registry as it found it, or only adds what it alone uses.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import ssl
@@ -29,11 +30,9 @@ import requests
 
 from conftest import (
     POSTGRES_HOST,
-    POSTGRES_PART,
     POSTGRES_PORT,
     _in_thread,
-    _postgres_admin,
-    require,
+    own_postgres_database,
     require_binary,
 )
 from gatewaykit import (
@@ -547,6 +546,26 @@ def test_a_body_signed_with_another_organisations_key_is_401(world: World) -> No
             "jws_signature_invalid",
         )
     assert "acme" in error["message"]
+    # The key is registered nowhere in acme: the message says where to register it.
+    assert "belongs to none of them" in error["message"]
+    assert "Security page" in error["message"]
+
+
+def test_a_body_changed_after_signing_is_401_saying_a_registered_key_signed_other_bytes(world: World) -> None:
+    header, _payload, signature = signed(world, "acme", payment()).split(".")
+    changed = base64.urlsafe_b64encode(json.dumps(payment()).encode()).rstrip(b"=").decode()
+    with world.client(world.orgs["acme"].mtls) as client:
+        error = assert_refusal(
+            client.post(
+                "/tsapi/v1/payments",
+                content=f"{header}.{changed}.{signature}",
+                headers={"Content-Type": "application/jose"},
+            ),
+            401,
+            "jws_signature_invalid",
+        )
+    assert "a registered key signed it, but not these bytes" in error["message"]
+    assert "Security page" not in error["message"]
 
 
 def test_an_organisation_without_a_signature_certificate_is_401_no_signature_certificate(
@@ -888,14 +907,7 @@ def test_one_json_access_log_line_per_request_without_bodies_or_jws(world: World
 
 @pytest.fixture(scope="module")
 def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    name = f"twofold_gw_{uuid.uuid4().hex[:12]}"
-    try:
-        _in_thread(lambda: _postgres_admin(f'CREATE DATABASE "{name}"'))
-        reachable = True
-    except Exception:
-        reachable = False
-    require(POSTGRES_PART, reachable)
-    try:
+    with own_postgres_database("twofold_gw") as name:
         url = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
 
         def nothing_left_open() -> None:
@@ -908,8 +920,6 @@ def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             running.extra["database"] = name
             yield running
             running.assert_no_internal_errors()
-    finally:
-        _in_thread(lambda: _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _pg_value(sql: str, *args: object) -> Any:
@@ -977,3 +987,49 @@ def test_on_postgresql_the_happy_path_works_and_a_removal_reaches_the_gateway_wi
         assert _connection(response) == connection
         assert_refusal(response, 401, "certificate_not_registered")
     assert tls_outcome(world.port(), pair, world.ca_path, sni=None)[0] == "refused"
+
+
+def test_the_organisations_recent_calls_reach_its_dashboard(world: World) -> None:
+    """The gateway records each call off the request path; within about a second the
+    organisation's dashboard lists it, with the refusal message — and nobody else's does."""
+    initech = world.orgs["initech"]
+
+    def newest_id(calls: list[dict[str, Any]]) -> int:
+        return max((c["id"] for c in calls), default=0)
+
+    time.sleep(1.2)  # the earlier tests' calls are stored by now
+    with world.api("initech") as api:
+        before = newest_id(api.get("/api/v1/calls", params={"env": "cat"}).json())
+    with world.client(initech.mtls) as client:
+        assert client.get("/accessapi/balance").status_code == 200
+        refused = client.post(
+            "/tsapi/v1/payments",
+            content=signed(world, "acme", payment()),
+            headers={"Content-Type": "application/jose", "X-Secret-Header": "hush-42"},
+        )
+        assert refused.status_code == 401
+    message = refused.json()["error"]["message"]
+    with world.api("initech") as api:
+        deadline = time.monotonic() + 5
+        while True:
+            calls = api.get("/api/v1/calls", params={"env": "cat"}).json()
+            if newest_id(calls) >= before + 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        board = api.get("/api/v1/dashboard", params={"env": "cat"}).json()
+    newest, older = calls[0], calls[1]
+    assert (newest["method"], newest["path"], newest["status"]) == ("POST", "/tsapi/v1/payments", 401)
+    assert newest["product"] == "payments"
+    assert newest["message"] == message  # what a developer can act on
+    assert (older["path"], older["status"], older["outcome"], older["message"]) == (
+        "/accessapi/balance",
+        200,
+        "ok",
+        None,
+    )
+    assert "hush-42" not in json.dumps(calls)  # no header values, no bodies
+    assert {i["item"]: i["done"] for i in board["checklist"]}["call"] is True
+    with world.api("globex") as other:
+        theirs = other.get("/api/v1/calls", params={"env": "cat", "org": "initech"}).json()
+    assert "initech" in message
+    assert "initech" not in json.dumps(theirs)  # ?org= is for operators: globex sees its own

@@ -11,12 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,12 +26,12 @@ import twofold
 from gatewaykit import (
     RawClient,
     World,
-    free_port,
     http_request,
     running_world,
     seed_balance_client,
     wait_until,
 )
+from servekit import serve_process
 from twofold.crypto import certs, keys
 
 HEADER_TIMEOUT = 1.0
@@ -52,7 +48,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tmp_path_factory.mktemp("gateway-limits"),
         header_timeout=HEADER_TIMEOUT,
         body_timeout=BODY_TIMEOUT,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        idle_timeout=KEEPALIVE_TIMEOUT,
         max_connections=MAX_CONNECTIONS,
     ) as running:
         yield running
@@ -166,7 +162,7 @@ def test_a_body_queued_behind_a_slow_request_is_not_timed_out_while_the_gateway_
     ], answers
 
 
-def test_idle_connections_are_closed_at_the_keepalive_timeout(world: World) -> None:
+def test_idle_connections_are_closed_at_the_idle_timeout(world: World) -> None:
     with RawClient(world) as client:
         client.send(http_request("GET", "/accessapi/balance"))
         assert [a.status for a in client.answers(1)] == [200]
@@ -299,66 +295,40 @@ def test_with_a_low_descriptor_limit_a_flood_without_tls_does_not_lock_clients_o
     """1,100 unauthenticated connections made `serve` fail new clients with the default
     limit of 1,024; here the limit is 256 (soft and hard, so it cannot be raised) and 400
     connections never send a TLS byte."""
-    data, gateway, admin = tmp_path / "data", free_port(), free_port()
-    config = tmp_path / "twofold.toml"
-    config.write_text(
-        f"portal_port = {free_port()}\nadmin_port = {admin}\n[ports]\ncat = {gateway}\nprod = 0\n"
-    )
     key = keys.generate_private_key("ec")
     cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-fd")
     (tmp_path / "mtls.crt").write_bytes(certs.certificate_pem(cert))
     (tmp_path / "mtls.key").write_bytes(keys.private_key_bytes(key))
-    log = tmp_path / "serve.log"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("twofold")),
-            "serve",
-            "--data",
-            str(data),
-            "--config",
-            str(config),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        start_new_session=True,
-        preexec_fn=lambda: _lowered_limit(256),
-    )
     flood: list[socket.socket] = []
-    try:
-
-        def ready() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, 60, 0.2)
-        asyncio.run(seed_balance_client(data / "twofold.db", certs.certificate_pem(cert)))
-
-        def call() -> int:
-            try:
-                with twofold.Client(
-                    verify=str(data / "ca" / "ca.crt"),
-                    cert=tmp_path / "mtls.crt",
-                    key=tmp_path / "mtls.key",
-                    timeout=5,
-                ) as client:
-                    return client.get(f"https://localhost:{gateway}/accessapi/balance").status_code
-            except httpx.TransportError:
-                return 0
-
-        wait_until(lambda: call() == 200, 10, 0.2)
-        flood = [socket.create_connection(("127.0.0.1", gateway)) for _ in range(400)]
-        time.sleep(0.5)
-        assert [call() for _ in range(3)] == [200] * 3
-        assert process.poll() is None
-    finally:
-        for sock in flood:
-            sock.close()
-        os.killpg(process.pid, signal.SIGTERM)
+    with serve_process(tmp_path / "serve", preexec_fn=lambda: _lowered_limit(256)) as served:
         try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+
+            def ready() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{served.admin}/readyz", timeout=1).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(ready, 60, 0.2)
+            asyncio.run(seed_balance_client(served.data / "twofold.db", certs.certificate_pem(cert)))
+
+            def call() -> int:
+                try:
+                    with twofold.Client(
+                        verify=str(served.ca),
+                        cert=tmp_path / "mtls.crt",
+                        key=tmp_path / "mtls.key",
+                        timeout=5,
+                    ) as client:
+                        return client.get(f"https://localhost:{served.cat}/accessapi/balance").status_code
+                except httpx.TransportError:
+                    return 0
+
+            wait_until(lambda: call() == 200, 10, 0.2)
+            flood = [socket.create_connection(("127.0.0.1", served.cat)) for _ in range(400)]
+            time.sleep(0.5)
+            assert [call() for _ in range(3)] == [200] * 3
+            assert served.alive(), served.log()[-2000:]
+        finally:
+            for sock in flood:
+                sock.close()

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,8 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mailkit import outbox
 from portalkit import (
     PASSWORD,
+    PROD_ISSUER,
     PortalServer,
     ec_key,
     pem,
@@ -41,9 +44,12 @@ from portalkit import (
 )
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
+from twofold.mail import OutboxMailer
 from twofold.portal import api
 from twofold.portal.app import init_app
+from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal
+from twofold.registry.service import CallRecord
 
 MEMBERS = ("operator", "alpha_security", "alpha_developer", "bravo_security", "bravo_developer")
 ROLES = ("anonymous", "bad_token", *MEMBERS)
@@ -76,6 +82,7 @@ class World:
     alpha_certificate: x509.Certificate
     alpha_project: int
     alpha_markers: set[str] = field(default_factory=lambda: {"alpha"})
+    outbox: Path = Path("outbox")
     serial: Iterator[int] = field(default_factory=itertools.count)
 
     def headers(self, role: str) -> dict[str, str]:
@@ -123,7 +130,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PortalServer]:
-    with PortalServer(tmp_path_factory.mktemp("portal-api") / "registry.db") as running:
+    directory = tmp_path_factory.mktemp("portal-api")
+    config = PortalConfig(mailer=OutboxMailer(directory / "outbox"))
+    with PortalServer(directory / "registry.db", config=config) as running:
         yield running
 
 
@@ -151,6 +160,31 @@ def world(server: PortalServer) -> Iterator[World]:
     server.call(server.reg.create_project(principals["bravo_developer"], "bravo-project"))
     with httpx.Client(base_url=server.url, verify=server.client_verify(), timeout=30) as http:
         world = World(server, http, tokens, principals, alpha_certificate, int(alpha_project["id"]))
+        world.outbox = server.config.mailer.directory  # type: ignore[union-attr]
+        # A pending invitation and recorded gateway calls of alpha (the dashboards list them).
+        server.call(
+            server.reg.invite(
+                principals["alpha_security"], "pending@alpha.test", org=None, roles=["api_security"]
+            )
+        )
+        server.call(
+            server.reg.record_calls(
+                [
+                    CallRecord(
+                        server.now(),
+                        "cat",
+                        principals[f"{org}_security"].org_id,
+                        "payments",
+                        "POST",
+                        f"/tsapi/v1/payments/{org}-call",
+                        401,
+                        "signature_invalid",
+                        f"{org} message",
+                    )
+                    for org in ("alpha", "bravo")
+                ]
+            )
+        )
         world.set_link(world.alpha_project, True)
         world.alpha_markers.add(certs.fingerprint_sha256(alpha_certificate))
         yield world
@@ -264,6 +298,44 @@ def _new_certificate(world: World, role: str) -> Call:
     )
 
 
+def _new_csr(world: World, role: str) -> Call:
+    own = "bravo" if role.startswith("bravo") else "alpha"
+    key = ec_key()
+    csr = certs.build_csr(key, f"/O=Test/CN={world.unique(f'{own}-requested')}")
+    spki = keys.public_key_bytes(key)
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        mine = [c for c in world.server.certificates(env="prod") if c["organisation"] == own]
+        issued = [
+            c
+            for c in mine
+            if c["common_name"] == certs.common_name(csr.subject) and c["environment"] == "prod"
+        ]
+        assert bool(issued) is ok
+        if ok:
+            body = response.json()
+            certificate = certs.load_certificate(body["certificate_pem"].encode())
+            assert keys.public_key_bytes(certificate.public_key()) == spki  # type: ignore[arg-type]
+            assert body["organisation"] == own
+            assert body["chain_pem"] == pem(PROD_ISSUER.certificate).decode()
+            if own == "alpha":
+                world.alpha_markers.add(body["fingerprint"])
+
+    return Call(
+        json={"environment": "prod", "use": "mtls", "csr": certs.csr_pem(csr).decode()}, verify=verify
+    )
+
+
+def _alpha_certificate_pem(world: World, role: str) -> Call:
+    def verify(ok: bool, response: httpx.Response) -> None:
+        if ok:
+            got = certs.load_certificate(response.json()["certificate_pem"].encode())
+            assert got == world.alpha_certificate
+            assert response.json()["chain_pem"] == ""  # self-signed: no chain
+
+    return Call(path_params={"fingerprint": certs.fingerprint_sha256(world.alpha_certificate)}, verify=verify)
+
+
 def _alpha_certificate(world: World, role: str) -> Call:
     def verify(ok: bool, response: httpx.Response) -> None:
         if ok:
@@ -302,12 +374,25 @@ def _delete_alpha_project(world: World, role: str) -> Call:
     return Call(path_params={"project": str(project)}, verify=verify)
 
 
+def _alpha_project(world: World, role: str) -> Call:
+    project = world.alpha_new_project(with_payments=True)
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        if ok:
+            assert response.json() == world.alpha_projects()[project]
+            assert response.json()["products"] == [{"product": "payments", "environment": "cat"}]
+
+    return Call(path_params={"project": str(project)}, verify=verify)
+
+
 def _link_alpha_project(world: World, role: str) -> Call:
     project = world.alpha_new_project()
 
     def verify(ok: bool, response: httpx.Response) -> None:
         links = world.alpha_projects()[project]["products"]
         assert (links == [{"product": "payments", "environment": "cat"}]) is ok
+        if ok:  # the answer is the project as it now is
+            assert response.json()["products"] == links
 
     return Call(path_params={"project": str(project), "env": "cat", "product": "payments"}, verify=verify)
 
@@ -317,6 +402,8 @@ def _unlink_alpha_project(world: World, role: str) -> Call:
 
     def verify(ok: bool, response: httpx.Response) -> None:
         assert (world.alpha_projects()[project]["products"] == []) is ok
+        if ok:
+            assert response.json()["products"] == []
 
     return Call(path_params={"project": str(project), "env": "cat", "product": "payments"}, verify=verify)
 
@@ -343,6 +430,31 @@ def _revoke_alpha_token(world: World, role: str) -> Call:
     return Call(path_params={"token": str(token_id)}, verify=verify)
 
 
+def _invite(world: World, role: str) -> Call:
+    # Everyone tries to invite an API Security user to alpha.
+    email = world.unique("invited") + "@alpha.test"
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        pending = {u["email"] for u in world.server.call(world.server.reg.list_invitations(SYSTEM))}
+        assert (email in pending) is ok
+        assert any(email in m["To"] for m in outbox(world.outbox)) is ok
+        if ok:
+            assert response.json()["roles"] == ["api_security"]
+
+    return Call(json={"email": email, "organisation": "alpha", "roles": ["api_security"]}, verify=verify)
+
+
+def _reset_alpha_second_factor(world: World, role: str) -> Call:
+    email = world.unique("mfa") + "@alpha.test"
+    world.server.add_user(email, org="alpha", roles="api_security")  # enrolled
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        (user,) = [u for u in world.server.call(world.server.reg.list_users(SYSTEM)) if u["email"] == email]
+        assert user["second_factor"] is not ok
+
+    return Call(path_params={"email": email}, verify=verify)
+
+
 def _audit_verify(world: World, role: str) -> Call:
     def verify(ok: bool, response: httpx.Response) -> None:
         if ok:
@@ -366,11 +478,16 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("GET", "/api/v1/certificates/{fingerprint}"): Spec(
         only(200, *ALPHA_SIDE, others=404), _alpha_certificate, ALPHA_SIDE
     ),
+    ("POST", "/api/v1/certificates/requests"): Spec(only(201, "alpha_security", "bravo_security"), _new_csr),
+    ("GET", "/api/v1/certificates/{fingerprint}/pem"): Spec(
+        only(200, *ALPHA_SIDE, others=404), _alpha_certificate_pem, ALPHA_SIDE
+    ),
     ("DELETE", "/api/v1/certificates/{fingerprint}"): Spec(
         only(200, "operator", "alpha_security", bravo_security=404), _remove_alpha_certificate
     ),
     ("GET", "/api/v1/projects"): Spec(everyone(200), plain(org="alpha"), ALPHA_SIDE),
     ("POST", "/api/v1/projects"): Spec(only(201, "alpha_developer", "bravo_developer"), _new_project),
+    ("GET", "/api/v1/projects/{project}"): Spec(only(200, *ALPHA_SIDE, others=404), _alpha_project),
     ("DELETE", "/api/v1/projects/{project}"): Spec(
         only(200, "alpha_developer", bravo_developer=404), _delete_alpha_project
     ),
@@ -386,6 +503,14 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("DELETE", "/api/v1/tokens/{token}"): Spec(only(200, "alpha_security", others=404), _revoke_alpha_token),
     ("GET", "/api/v1/audit"): Spec(everyone(200), plain(org="alpha", limit="1000"), ALPHA_SIDE),
     ("GET", "/api/v1/audit/verify"): Spec(only(200, "operator"), _audit_verify),
+    ("GET", "/api/v1/invitations"): Spec(everyone(200), plain(org="alpha"), ALPHA_SIDE),
+    # Roles never above the inviter's own; API Security users invite to their own organisation.
+    ("POST", "/api/v1/invitations"): Spec(only(201, "operator", "alpha_security"), _invite),
+    ("DELETE", "/api/v1/users/{email}/mfa"): Spec(only(200, "operator"), _reset_alpha_second_factor),
+    # Organisation users see their own organisation's (?org= is for operators only).
+    ("GET", "/api/v1/dashboard"): Spec(everyone(200), plain(env="cat", org="alpha"), ALPHA_SIDE),
+    ("GET", "/api/v1/calls"): Spec(everyone(200), plain(env="cat", org="alpha"), ALPHA_SIDE),
+    ("GET", "/api/v1/overview"): Spec(only(200, "operator"), plain()),
 }
 
 
@@ -543,8 +668,7 @@ def test_the_api_ignores_session_cookies(server: PortalServer, world: World) -> 
     signed-in browser cannot be made to call it (no CSRF on the API)."""
     server.add_user("cookie@alpha.test", org="alpha", roles="api_security")
     with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
-        login = browser.post("/login", data={"email": "cookie@alpha.test", "password": PASSWORD})
-        assert login.status_code == 303
+        server.sign_in(browser, "cookie@alpha.test")
         assert browser.cookies.get("twofold_session")
         assert browser.get("/security").status_code == 200
         assert browser.get("/api/v1/me").status_code == 401
@@ -880,11 +1004,7 @@ TRACE = re.compile(r"Traceback|File \"|line \d+, in|twofold/|site-packages")
 
 def _signed_in(server: PortalServer, email: str) -> tuple[httpx.Client, str]:
     client = httpx.Client(base_url=server.url, verify=server.client_verify())
-    assert client.post("/login", data={"email": email, "password": PASSWORD}).status_code == 303
-    page = client.get("/projects")
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert match
-    return client, match.group(1)
+    return client, server.sign_in(client, email)
 
 
 @pytest.fixture(scope="module")
@@ -916,7 +1036,7 @@ def test_page_errors_are_pages_without_stack_traces(
     response = client.request(method, path, data=data if method == "POST" else None)
     assert response.status_code == status
     assert response.headers["content-type"].startswith("text/html")
-    assert says in response.text
+    assert says[:1].upper() + says[1:] in response.text  # a sentence on a page
     assert not TRACE.search(response.text), response.text[:1000]
 
 
@@ -1027,8 +1147,9 @@ def test_sign_in_keeps_a_local_next_page(server: PortalServer, redirect_user: st
 
 
 def test_a_one_time_password_opens_only_the_change_password_page(server: PortalServer) -> None:
-    """Operators hand out generated passwords: the first sign-in leads to choosing one's own,
-    and nothing else is reachable until then."""
+    """Operators hand out generated passwords: the first sign-in leads to choosing one's own —
+    the new one twice, not the one-time one again — and nothing else is reachable until then;
+    the session goes on afterwards, and only the new password signs in."""
     server.add_org("onetime")
     server.call(
         server.reg.add_user(
@@ -1043,30 +1164,33 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
         page = browser.get("/account/password")
         assert page.status_code == 200
         assert "one-time password" in page.text
+        assert 'name="current_password"' not in page.text  # it was just typed: not asked again
+        assert 'href="/security"' not in page.text  # no menu to pages that are not reachable yet
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
         assert csrf is not None
-        form = {"csrf_token": csrf.group(1), "current_password": PASSWORD}
+        form = {"csrf_token": csrf.group(1)}
         mismatch = browser.post(
             "/account/password",
             data={**form, "new_password": new_password, "confirm_password": new_password + "x"},
         )
         assert mismatch.status_code == 400
         assert "password_mismatch" in mismatch.text
-        wrong = browser.post(
-            "/account/password",
-            data={
-                **form,
-                "current_password": "not it at all",
-                "new_password": new_password,
-                "confirm_password": new_password,
-            },
+        same = browser.post(
+            "/account/password", data={**form, "new_password": PASSWORD, "confirm_password": PASSWORD}
         )
-        assert wrong.status_code == 400
+        assert same.status_code == 400
+        assert "not the one-time password" in same.text
         changed = browser.post(
             "/account/password", data={**form, "new_password": new_password, "confirm_password": new_password}
         )
         assert changed.status_code == 303
-        assert changed.headers["location"] == "/login"
+        assert changed.headers["location"] == "/"
+        # Still signed in, no longer held at the password page: next, an API Security user sets
+        # up the second factor.
+        assert browser.get("/security").headers["location"] == "/account/mfa"
+        # Now it is an ordinary password: changing it again needs the current one.
+        page = browser.get("/account/password")
+        assert 'name="current_password"' in page.text
     with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
         assert (
             browser.post("/login", data={"email": "new@onetime.test", "password": PASSWORD}).status_code
@@ -1076,4 +1200,5 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
             browser.post("/login", data={"email": "new@onetime.test", "password": new_password}).status_code
             == 303
         )
-        assert browser.get("/security").status_code == 200  # no longer held at the password page
+        # No longer held at the password page: next, API Security users set up a second factor.
+        assert browser.get("/security").headers["location"] == "/account/mfa"

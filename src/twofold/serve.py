@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import errno
 import gc
 import logging
 import multiprocessing
@@ -12,23 +14,32 @@ import os
 import signal
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from cryptography import x509
+from sqlalchemy.exc import DBAPIError
 
+from twofold import running
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
-from twofold.gateway.listeners import Listener, raise_descriptor_limit
+from twofold.gateway.listeners import Listener
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
+from twofold.lifecycle import ExpiryNotifier, NoticeSigner
+from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
+from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, new_password
-from twofold.registry.db import redact
+from twofold.registry.db import check_sqlite_location, database_failure, redact
 from twofold.registry.service import Registry
 from twofold.tls import server_context
 
@@ -48,15 +59,86 @@ class ServeConfig:
     max_body: int = 1024 * 1024
     upstream_timeout: float = 30.0
     access_log: bool = True
-    header_timeout: float = 10.0  # gateway: a request's head must arrive within this
-    body_timeout: float = 30.0  # gateway: and its body within this after the head
-    keepalive_timeout: float = 75.0  # gateway: idle keep-alive connections are closed after this
-    max_connections: int = 10000  # gateway: per listener (the descriptor limit caps them too)
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+    # Every listener (portal, gateways): see twofold.listener.ConnectionLimits.
+    header_timeout: float = ConnectionLimits.header_timeout
+    body_timeout: float = ConnectionLimits.body_timeout
+    idle_timeout: float = ConnectionLimits.idle_timeout
+    max_connections: int = ConnectionLimits.max_connections  # per listener
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
+        if not isinstance(self.max_connections, int):
+            raise UsageError(f"max_connections must be a whole number, not {self.max_connections!r}")
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The connection limits as configured (``fitted`` to the open-files limit at start)."""
+        return ConnectionLimits(
+            header_timeout=float(self.header_timeout),
+            body_timeout=float(self.body_timeout),
+            idle_timeout=float(self.idle_timeout),
+            max_connections=self.max_connections,
+        )
+
+    portal_url: str | None = (
+        None  # how people reach the portal (links in mail); default https://localhost:PORT
+    )
+    smtp: str | None = None  # "host:port"; none: mail is written to <data>/outbox/
+    smtp_security: str = "starttls"  # starttls | ssl | none (loopback only)
+    smtp_username: str | None = None
+    smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
+    smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
+    mail_from: str = DEFAULT_SENDER
+    link_lifetime_hours: float = 72.0  # how long invitation and password-reset links work
+    # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
+    # (and "passphrase_file" for an encrypted key).
+    issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
+    local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
+    notice_interval: float = 300.0  # seconds between looks for due expiry notices
 
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def public_url(self) -> str:
+        return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    @property
+    def link_lifetime(self) -> dt.timedelta:
+        if not 0 < self.link_lifetime_hours <= 24 * 30:
+            raise UsageError("link_lifetime_hours must be more than 0 and at most 720 (30 days)")
+        return dt.timedelta(hours=self.link_lifetime_hours)
+
+    def mail_settings(self) -> MailSettings:
+        """Checked now, so that a setting that cannot work stops `serve` at start."""
+        return MailSettings(
+            smtp=self.smtp,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=read_password(self.smtp_password_file) if self.smtp_username else None,
+            sender=self.mail_from,
+            cafile=self.smtp_cafile,
+        ).check()
+
+    def issuing_files(self) -> dict[str, IssuingFiles]:
+        files = {}
+        allowed = {"key", "cert", "passphrase_file"}
+        for env_id, entry in self.issuing_ca.items():
+            if not isinstance(entry, dict) or not {"key", "cert"} <= set(entry) or set(entry) - allowed:
+                raise UsageError(
+                    f'[issuing_ca.{env_id}] needs key = "…" and cert = "…" (and optionally '
+                    'passphrase_file = "…")'
+                )
+            passphrase = entry.get("passphrase_file")
+            files[env_id] = IssuingFiles(
+                Path(entry["key"]), Path(entry["cert"]), Path(passphrase) if passphrase else None
+            )
+        return files
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -67,6 +149,8 @@ class ServeConfig:
                 raw = tomllib.loads(Path(path).read_text())
             except FileNotFoundError:
                 raise UsageError(f"the configuration file {path} does not exist") from None
+            except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+                raise UsageError(f"the configuration file {path} cannot be read: {exc}") from None
             except tomllib.TOMLDecodeError as exc:
                 raise UsageError(f"{path} is not valid TOML: {exc}") from None
             known = {f.name for f in fields(cls)}
@@ -76,6 +160,7 @@ class ServeConfig:
                     f"{path}: unknown settings {', '.join(sorted(unknown))}; known: "
                     f"{', '.join(sorted(known))}"
                 )
+            _check_settings(path, raw)
             values.update(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data" in values:
@@ -83,12 +168,62 @@ class ServeConfig:
         return replace(cls(), **values)
 
 
+_PORT = (1, 65535)
+_SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]] = {
+    "data": (str, None),
+    "db": (str, None),
+    "host": (str, None),
+    "admin_host": (str, None),
+    "portal_port": (int, _PORT),
+    "admin_port": (int, _PORT),
+    "workers": (int, (1, 64)),
+    "max_body": (int, (1, 1 << 30)),
+    "upstream_timeout": ((int, float), (0.001, 3600)),
+    "access_log": (bool, None),
+    # the connection limits: __post_init__ checks they are positive
+    "header_timeout": ((int, float), None),
+    "body_timeout": ((int, float), None),
+    "idle_timeout": ((int, float), None),
+    "max_connections": (int, None),
+    "issuing_ca": (dict, None),
+    "local_issuing_ca": (bool, None),
+    "notice_interval": ((int, float), (0.001, 30 * 86400)),
+    "link_lifetime_hours": ((int, float), (0.01, 24 * 30)),
+}
+
+
+def _check_settings(path: str, raw: dict[str, Any]) -> None:
+    """Each setting of a TOML file has the type (and range) of its command-line option."""
+    for name, value in raw.items():
+        if name == "ports":
+            if not isinstance(value, dict) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and _PORT[0] <= p <= _PORT[1]
+                for p in value.values()
+            ):
+                raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
+            continue
+        kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs, files)
+        wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+        if not wrong and bounds is not None and not bounds[0] <= value <= bounds[1]:
+            wrong = True
+        if wrong:
+            names: dict[object, str] = {
+                str: "a string",
+                int: "a whole number",
+                bool: "true or false",
+                dict: "a table",
+            }
+            expected = names.get(kind, "a number")
+            limits = f" from {bounds[0]:g} to {bounds[1]:g}" if bounds else ""
+            raise UsageError(f"{path}: {name} must be {expected}{limits}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Credentials:
     ca: LocalCA
     ca_path: Path
     server_key: keys.PrivateKey
-    server_cert: Any
+    server_cert: x509.Certificate
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -112,18 +247,45 @@ def local_tls(data: Path, announce: Callable[[str], None]) -> Credentials:
         _write_secret(ca_key_path, keys.private_key_bytes(ca.key))
         ca_path.write_bytes(certs.certificate_pem(ca.certificate))
         announce(f"created a local CA: {ca_path} (clients use it with --cacert)")
+    server_cert = None
     if key_path.exists() and cert_path.exists():
         server_key = keys.load_private_key(key_path.read_bytes(), name=str(key_path))
         server_cert = certs.load_certificate(cert_path.read_bytes(), name=str(cert_path))
-    else:
+        why = _renew_because(server_cert)
+        if why:
+            announce(f"renewing the server certificate {cert_path}: {why}")
+            server_cert = None
+    if server_cert is None:
         issued = ca.issue(
-            "localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"], days=825
+            "localhost",
+            usage="server",
+            sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"],
+            days=SERVER_CERT_DAYS,
         )
         server_key, server_cert = issued.key, issued.certificate
         _write_secret(key_path, keys.private_key_bytes(server_key))
         cert_path.write_bytes(certs.certificate_pem(server_cert))
         announce(f"created the server certificate for localhost: {cert_path}")
     return Credentials(ca, ca_path, server_key, server_cert)
+
+
+# TLS server certificates live at most 398 days for browsers and 366 in Mozilla's guidelines
+# (sslyze --mozilla_config checks it); the one serve makes lives a year and is renewed at start
+# when it has less than a month left (or is one of the 825-day certificates of older versions).
+SERVER_CERT_DAYS = 365
+MAX_SERVER_CERT_DAYS = 366
+RENEW_DAYS = 30
+
+
+def _renew_because(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    now = now or dt.datetime.now(dt.UTC)
+    lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if lifespan > dt.timedelta(days=MAX_SERVER_CERT_DAYS):
+        return f"it lives {lifespan.days} days, more than {MAX_SERVER_CERT_DAYS}"
+    left = certs.days_left(cert.not_valid_after_utc, now)
+    if left < RENEW_DAYS:
+        return f"it expires in {left} days" if left > 0 else "it has expired"
+    return None
 
 
 async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None:
@@ -162,7 +324,6 @@ def _settle_heap() -> None:
 
 
 def _install_uvloop() -> None:
-    raise_descriptor_limit()  # soft limit of open files up to the hard one
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -181,21 +342,42 @@ def _configure_logging(access_log: bool) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp warns (to stderr) about a malformed Content-Disposition in a client's multipart
+    # body, quoting it: the client's mistake, answered with a 400, and its bytes stay out of the log.
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionHeader)
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionParam)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 async def _gateway_listeners(
     gateway: Gateway, config: ServeConfig, envs: list[dict[str, Any]], reuse_port: bool
 ) -> list[Listener]:
-    listeners = []
+    listeners: list[Listener] = []
     for env in envs:
         port = config.ports.get(env["id"], env["gateway_port"])
         if not port:
             continue
-        listeners.append(
-            await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
-        )
+        try:
+            listeners.append(
+                await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
+            )
+        except OSError as exc:
+            for listener in listeners:
+                await close_listener(listener)
+            raise cannot_listen(exc, f"the {env['id']} gateway", config.host, port) from None
     return listeners
+
+
+def cannot_listen(exc: OSError, what: str, host: str, port: int) -> UsageError:
+    """A port that cannot be bound, said in one line with what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the port is in use (another twofold serve, or another program)"
+    return UsageError(
+        f"cannot listen on {host}:{port} for {what}: {reason}. Stop what holds it, or choose other "
+        "ports: --portal-port, --admin-port, or portal_port / admin_port / a [ports] table in --config",
+        code="port_unavailable",
+    )
 
 
 async def _wait_for_signal() -> None:
@@ -221,6 +403,9 @@ class _GatewayProcess:
     ) -> _GatewayProcess:
         """Process ``index`` (0 is the main one) of ``config.workers``: listeners share the
         ports (SO_REUSEPORT) when there are several; admin listens on admin port + index."""
+        envs = await registry.list_environments()
+        # the same limits as the portal's: one cap per listener, fitted to the open-files limit
+        limits = config.limits.fitted(listeners=1 + len(envs), nofile=raise_nofile_limit())
         gateway = Gateway(
             registry,
             key=tls.server_key,
@@ -229,22 +414,26 @@ class _GatewayProcess:
                 max_body=config.max_body,
                 upstream_timeout=config.upstream_timeout,
                 access_log=config.access_log,
-                header_timeout=config.header_timeout,
-                body_timeout=config.body_timeout,
-                keepalive_timeout=config.keepalive_timeout,
-                max_connections=config.max_connections,
+                header_timeout=limits.header_timeout,
+                body_timeout=limits.body_timeout,
+                idle_timeout=limits.idle_timeout,
+                max_connections=limits.max_connections,
             ),
         )
         await gateway.start()
-        envs = await registry.list_environments()
-        listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+        try:
+            listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+        except BaseException:
+            await gateway.stop()
+            raise
         admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
         await admin.setup()
         try:
             await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
         except OSError as exc:
             if index == 0:
-                raise
+                await cls(gateway, listeners, admin).stop()
+                raise cannot_listen(exc, "health and metrics", config.admin_host, config.admin_port) from None
             # An extra worker still serves traffic without its own metrics listener.
             log.warning(
                 "gateway process %d: admin port %d unavailable (%s); no metrics from this process",
@@ -267,32 +456,82 @@ async def run(
     *,
     ready: Callable[[dict[str, Any]], None] | None = None,
     stop: asyncio.Event | None = None,
+    register: bool = False,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop``)."""
-    if not config.data.exists():
-        config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
-    tls = local_tls(config.data, announce)
-    registry = await Registry.open(config.db_url)
+    """Run until SIGINT/SIGTERM (or ``stop``). With ``register`` the serve says where it is
+    (data directory, ports, CA) in the user's runtime directory while it runs, for commands
+    run from elsewhere (:mod:`twofold.running`)."""
+    nofile = raise_nofile_limit()
+    mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    config.link_lifetime  # noqa: B018 - checked at start too
+    issuing = config.issuing_files()  # so does an issuing CA setting
+    _prepare_data(config.data)
+    check_sqlite_location(config.db_url)
+    issuers = IssuingCAs(config.data, issuing)
+    mailer = make_mailer(mail, config.data)
+    if not mail.smtp:
+        announce(
+            f'no SMTP server configured: mail is written to {config.data / "outbox"}/ (smtp = "host:port" sends it)'
+        )
     try:
+        registry = await Registry.open(config.db_url)
+    except (DBAPIError, OSError) as exc:
+        raise database_failure(config.db_url, exc, "cannot open", code="database_unavailable") from None
+    try:
+        tls = local_tls(config.data, announce)
         await bootstrap(registry, announce)
+        await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
+        signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
+        # The expiry metric is served with the gateway's on the admin listener, not computed on
+        # the request path: the notifier keeps its facts fresh.
+        gateways.gateway.metrics.registry.register(notifier.collector())
+        lifecycle_stop = asyncio.Event()
+        lifecycle = asyncio.create_task(notifier.run(lifecycle_stop, interval=config.notice_interval))
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
             if config.ports.get(e["id"], e["gateway_port"])
         )
         portal = web.AppRunner(
-            init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
+            init_app(
+                registry,
+                PortalConfig(
+                    gateway_urls=gateway_urls,
+                    public_url=config.public_url,
+                    mailer=mailer,
+                    link_lifetime=config.link_lifetime,
+                    issuers=issuers,
+                    notice_jwks=signer.jwks(),
+                ),
+            ),
+            access_log=None,
+            handle_signals=False,
         )
         await portal.setup()
-        portal_site = web.TCPSite(
+        limits = config.limits.fitted(listeners=1 + len(gateways.listeners), nofile=nofile)
+        if limits.max_connections < config.max_connections:
+            log.warning(
+                "at most %d connections per listener (not %d): the open-files limit is %d",
+                limits.max_connections,
+                config.max_connections,
+                nofile,
+            )
+        portal_site = GuardedSite(
             portal,
             config.host,
             config.portal_port,
+            limits=limits,
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
-        await portal_site.start()
+        try:
+            await portal_site.start()
+        except OSError as exc:
+            await gateways.stop()
+            await portal.cleanup()
+            raise cannot_listen(exc, "the portal", config.host, config.portal_port) from None
         workers = [_spawn_worker(config, index) for index in range(1, config.workers)]
         facts = {
             "portal": f"https://localhost:{config.portal_port}",
@@ -302,19 +541,58 @@ async def run(
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
+            "open_files": nofile,
+            "max_connections": limits.max_connections,
         }
+        if register:
+            running.announce(_running(config, facts, tls))
         _settle_heap()
         if ready:
             ready(facts)
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
+        lifecycle_stop.set()
+        await lifecycle
         await gateways.stop()
         await portal.cleanup()
         for process in workers:
             process.join(5)
     finally:
+        if register:
+            running.withdraw(os.getpid())
         await registry.close()
+
+
+def _prepare_data(data: Path) -> None:
+    """The data directory: created on first start (0700: keys and the database are for this
+    account only); anything else in its place is refused."""
+    if data.exists() and not data.is_dir():
+        raise UsageError(
+            f"the data directory {data} is a file; give a directory (--data, or data = in --config)"
+        )
+    if not data.exists():
+        try:
+            data.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot create the data directory {data}: {exc.strerror or exc}") from None
+
+
+def _running(config: ServeConfig, facts: dict[str, Any], tls: Credentials) -> running.RunningServe:
+    db, has_password = config.db, False
+    if db is not None and redact(db) != db:
+        db, has_password = None, True  # never written down: the reader is told to pass --db
+    elif db is not None and "://" not in db:
+        db = str(Path(db).resolve())
+    return running.RunningServe(
+        pid=os.getpid(),
+        data=config.data.resolve(),
+        portal=facts["portal"],
+        gateways=dict(facts["gateways"]),
+        ca=tls.ca_path.resolve(),
+        db=db,
+        db_has_password=has_password,
+    )
 
 
 def _spawn_worker(config: ServeConfig, index: int) -> multiprocessing.process.BaseProcess:
@@ -331,6 +609,7 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
     _install_uvloop()
     _configure_logging(config.access_log)
+    raise_nofile_limit()
 
     async def main() -> None:
         tls = local_tls(config.data, lambda _m: None)
@@ -349,4 +628,4 @@ def serve(
 ) -> None:
     _install_uvloop()
     _configure_logging(config.access_log)
-    asyncio.run(run(config, announce, ready=ready))
+    asyncio.run(run(config, announce, ready=ready, register=True))

@@ -2,49 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from twofold.cli._common import EXIT_FAILURE, err, examples, out, print_json, read_file, read_passphrase_file
+from twofold.cli._common import (
+    EXIT_FAILURE,
+    err,
+    examples,
+    out,
+    passphrase_options,
+    passphrase_source,
+    print_json,
+    read_file,
+    read_passphrase_file,
+    table,
+)
+from twofold.cli._registry import DEFAULT_DATA, db_options, with_registry
+from twofold.crypto import certs
+from twofold.errors import UsageError
+from twofold.issuing import IssuingCAs, load_for_install
 from twofold.registry.auth import ROLES, SYSTEM, new_password
 from twofold.registry.service import SIGNATURE_POLICIES, Registry
-
-T = TypeVar("T")
-
-
-def db_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option(
-        "--db",
-        envvar="TWOFOLD_DB",
-        help="Registry database URL (default: SQLite in --data; "
-        "postgresql://… works the same). Env: TWOFOLD_DB.",
-    )(fn)
-    return click.option(
-        "--data",
-        default="data",
-        show_default=True,
-        envvar="TWOFOLD_DATA",
-        help="Data directory of `twofold serve`.",
-    )(fn)
-
-
-def _url(data: str, db: str | None) -> str:
-    return db or str(Path(data) / "twofold.db")
-
-
-def with_registry(data: str, db: str | None, work: Callable[[Registry], Awaitable[T]]) -> T:
-    async def main() -> T:
-        registry = await Registry.open(_url(data, db))
-        try:
-            return await work(registry)
-        finally:
-            await registry.close()
-
-    return asyncio.run(main())
 
 
 @click.group(
@@ -52,7 +32,7 @@ def with_registry(data: str, db: str | None, work: Callable[[Registry], Awaitabl
     "environments, audit)."
     + examples(
         "twofold admin org add acme --name 'Acme Corp'",
-        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security",
         "twofold admin token new --email sec@acme.example",
         "twofold admin audit verify",
     )
@@ -76,21 +56,70 @@ def org() -> None:
 @click.option("--name", help="Display name (default: the id).")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | None) -> None:
+def org_add(slug: str, name: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     row = with_registry(data, db, lambda r: r.add_org(SYSTEM, slug, name))
     print_json(row) if as_json else err.print(f"created organisation {row['slug']} ({row['name']})")
+
+
+@org.command(
+    "rm",
+    help="Delete an organisation with its users, tokens and projects. It must have no active "
+    "certificate; --remove-certificates removes them first (gateways refuse them at once). The audit "
+    "log keeps its history." + examples("twofold admin org rm demo-3f2a1c --remove-certificates"),
+)
+@click.argument("slug")
+@click.option("--remove-certificates", is_flag=True, help="Remove its active certificates first.")
+@db_options
+def org_rm(slug: str, remove_certificates: bool, data: str | None, db: str | None) -> None:
+    async def work(registry: Registry) -> tuple[dict[str, Any], int]:
+        removed = 0
+        if remove_certificates:
+            for row in await registry.list_certificates(SYSTEM, None, org=slug):
+                await registry.remove_certificate(SYSTEM, row["environment"], row["fingerprint"])
+                removed += 1
+        return await registry.delete_org(SYSTEM, slug), removed
+
+    row, removed = with_registry(data, db, work)
+    certificates = f", after removing {removed} certificate(s)" if removed else ""
+    err.print(
+        f"deleted organisation {row['slug']} ({row['name']}) and its {row['users']} user(s){certificates}"
+    )
+
+
+@org.command(
+    "webhook",
+    help="Where the organisation's certificate expiry notices are also POSTed, as a JWS signed by the "
+    "portal's notice key (its JWKS: <portal>/.well-known/jwks.json). --off stops them."
+    + examples(
+        "twofold admin org webhook acme https://ops.acme.example/twofold/notices",
+        "twofold admin org webhook acme --off",
+    ),
+)
+@click.argument("slug")
+@click.argument("url", required=False)
+@click.option("--off", is_flag=True, help="Send no webhook notices to this organisation.")
+@db_options
+def org_webhook(slug: str, url: str | None, off: bool, data: str | None, db: str | None) -> None:
+    if bool(url) == off:
+        raise UsageError("give the webhook URL, or --off")
+    row = with_registry(data, db, lambda r: r.set_notice_webhook(SYSTEM, slug, None if off else url))
+    if row["notice_webhook"]:
+        err.print(f"expiry notices of {row['organisation']} are also POSTed to {row['notice_webhook']}")
+    else:
+        err.print(f"no webhook notices for {row['organisation']}")
 
 
 @org.command("list", help="List organisations.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def org_list(as_json: bool, data: str, db: str | None) -> None:
+def org_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_orgs(SYSTEM))
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        out.print(f"{row['slug']:<24} {row['name']}")
+    table(
+        ["ORGANISATION", "NAME"], [[row["slug"], row["name"]] for row in rows], empty="no organisations yet"
+    )
 
 
 # --- users and tokens ------------------------------------------------------------------------
@@ -107,7 +136,7 @@ def user() -> None:
     "(sees them, manages projects), operator (no organisation). Without --password-file a one-time "
     "password is generated and printed."
     + examples(
-        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security",
         "twofold admin user add --org acme --email dev@acme.example --role developer --password-file pw.txt",
         "twofold admin user add --email ops@bank.example --role operator",
     ),
@@ -124,7 +153,7 @@ def user_add(
     roles: tuple[str, ...],
     password_file: str | None,
     as_json: bool,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
     generated = None if password_file else new_password()
@@ -147,17 +176,110 @@ def user_add(
         out.print(f"one-time password: {generated}")
 
 
+@user.command(
+    "invite",
+    help="Invite a user: an e-mail with a single-use activation link (valid link_lifetime_hours, "
+    "default 72) to choose a password — and, for API Security users and operators, to set up a "
+    "second factor. Mail goes through the serve settings' SMTP server, or into <data>/outbox/ "
+    "when none is configured. Inviting a user who has not activated yet sends a new link."
+    + examples(
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security --role developer",
+        "twofold admin user invite --email ops@bank.example --role operator --config twofold.toml",
+    ),
+)
+@click.option("--email", required=True)
+@click.option("--org", "org_slug", help="Organisation id (not for operators).")
+@click.option("--role", "roles", multiple=True, required=True, type=click.Choice(ROLES), help="Repeatable.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="The serve's TOML settings (mail, portal_url).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def user_invite(
+    email: str,
+    org_slug: str | None,
+    roles: tuple[str, ...],
+    config_file: str | None,
+    as_json: bool,
+    data: str,
+    db: str | None,
+) -> None:
+    from twofold.mail import make_mailer
+    from twofold.portal.mails import send_link
+    from twofold.serve import ServeConfig
+
+    explicit = click.get_current_context().get_parameter_source("data") != click.core.ParameterSource.DEFAULT
+    config = ServeConfig.load(config_file, data=data if explicit or not config_file else None, db=db)
+    mailer = make_mailer(config.mail_settings(), config.data)
+
+    async def work(registry: Registry) -> tuple[Any, str]:
+        link = await registry.invite(
+            SYSTEM, email, org=org_slug, roles=list(roles), lifetime=config.link_lifetime
+        )
+        return link, await send_link(mailer, config.public_url, link)
+
+    link, where = with_registry(str(config.data), config.db, work)
+    if as_json:
+        print_json(
+            {
+                "email": link.email,
+                "organisation": org_slug,
+                "roles": list(link.roles),
+                "expires_at": link.expires_at.isoformat(timespec="seconds"),
+                "mail": where,
+            }
+        )
+        return
+    err.print(
+        f"invited {link.email}: the link works once, until {link.expires_at:%Y-%m-%d %H:%M} UTC; "
+        f"mail {'written to ' + where if not where.startswith('smtp://') else 'sent via ' + where[7:]}"
+    )
+
+
+@user.command(
+    "reset-mfa",
+    help="Remove a user's lost second factor (and recovery codes): they are signed out everywhere "
+    "and set up a new one at their next sign-in. Audited."
+    + examples("twofold admin user reset-mfa --email sec@acme.example"),
+)
+@click.option("--email", required=True)
+@db_options
+def user_reset_mfa(email: str, data: str, db: str | None) -> None:
+    done = with_registry(data, db, lambda r: r.mfa_reset(SYSTEM, email))
+    if done["had_second_factor"]:
+        err.print(
+            f"second factor of {email} reset: signed out everywhere; a new one is set up at the next sign-in"
+        )
+    else:
+        err.print(f"{email} had no second factor; signed out everywhere")
+
+
 @user.command("list", help="List users.")
 @click.option("--org", "org_slug")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+def user_list(org_slug: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_users(SYSTEM, org_slug))
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        out.print(f"{row['email']:<36} {row['organisation'] or '-':<16} {', '.join(row['role_labels'])}")
+    table(
+        ["EMAIL", "ORGANISATION", "ROLES", "STATUS", "2FA"],
+        [
+            [
+                row["email"],
+                row["organisation"] or "-",
+                ", ".join(row["role_labels"]),
+                "invited" if row["pending_activation"] else ("active" if row["active"] else "deactivated"),
+                "on" if row["second_factor"] else "-",
+            ]
+            for row in rows
+        ],
+        empty="no users",
+    )
 
 
 @user.command("password", help="Set a user's password: ends their sessions and revokes their API tokens.")
@@ -168,7 +290,7 @@ def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) ->
     help="Without it, a new one-time password is generated and printed.",
 )
 @db_options
-def user_password(email: str, password_file: str | None, data: str, db: str | None) -> None:
+def user_password(email: str, password_file: str | None, data: str | None, db: str | None) -> None:
     password = read_passphrase_file(password_file).decode() if password_file else new_password()
     with_registry(data, db, lambda r: r.set_password(SYSTEM, email, password, one_time=not password_file))
     err.print(f"password of {email} changed")
@@ -179,7 +301,7 @@ def user_password(email: str, password_file: str | None, data: str, db: str | No
 @user.command("deactivate", help="Take access away: sessions end and API tokens are revoked at once.")
 @click.option("--email", required=True)
 @db_options
-def user_deactivate(email: str, data: str, db: str | None) -> None:
+def user_deactivate(email: str, data: str | None, db: str | None) -> None:
     with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=False))
     err.print(f"deactivated {email}: signed out everywhere, API tokens revoked")
 
@@ -187,7 +309,7 @@ def user_deactivate(email: str, data: str, db: str | None) -> None:
 @user.command("activate", help="Give a deactivated user sign-in back (their old tokens stay revoked).")
 @click.option("--email", required=True)
 @db_options
-def user_activate(email: str, data: str, db: str | None) -> None:
+def user_activate(email: str, data: str | None, db: str | None) -> None:
     with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=True))
     err.print(f"activated {email}")
 
@@ -200,7 +322,7 @@ def token() -> None:
 @token.command("revoke", help="Revoke every API token of a user.")
 @click.option("--email", required=True)
 @db_options
-def token_revoke(email: str, data: str, db: str | None) -> None:
+def token_revoke(email: str, data: str | None, db: str | None) -> None:
     count = with_registry(data, db, lambda r: r.revoke_user_tokens(SYSTEM, email))
     err.print(f"revoked {count} token(s) of {email}")
 
@@ -213,7 +335,7 @@ def token_revoke(email: str, data: str, db: str | None) -> None:
 @click.option("--email", required=True)
 @click.option("--name", default="cli", show_default=True)
 @db_options
-def token_new(email: str, name: str, data: str, db: str | None) -> None:
+def token_new(email: str, name: str, data: str | None, db: str | None) -> None:
     click.echo(with_registry(data, db, lambda r: r.create_token(SYSTEM, name, for_email=email)))
 
 
@@ -254,7 +376,7 @@ def product_add(
     content_types: tuple[str, ...],
     algorithms: tuple[str, ...],
     as_json: bool,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
     row = with_registry(
@@ -277,13 +399,16 @@ def product_add(
 @product.command("list", help="List API products.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def product_list(as_json: bool, data: str, db: str | None) -> None:
+def product_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_products())
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        out.print(f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}")
+    table(
+        ["PRODUCT", "PATH", "SIGNATURE", "UPSTREAM"],
+        [[row["id"], row["path_prefix"], row["signature"], row["upstream"]] for row in rows],
+        empty="no API products",
+    )
 
 
 @admin.group(help="Environments.")
@@ -293,9 +418,12 @@ def env() -> None:
 
 @env.command(
     "set",
-    help="Create or update an environment."  # noqa: S608 - help text, not SQL
+    help="Create or update an environment. --issuing-ca-key/--issuing-ca-cert install the CA that "  # noqa: S608 - help text, not SQL
+    "issues certificates from CSRs: its key is copied (0600) into the data directory of the portal "
+    "that issues — run this where `twofold serve` runs, or name the files in its settings instead."
     + examples(
         "twofold admin env set prod --ca bank-issuing-ca.pem",
+        "twofold admin env set prod --issuing-ca-key prod-ca.key --issuing-ca-cert prod-ca.crt --max-validity-days 397",
         "twofold admin env set uat --name 'User Acceptance' --self-signed --port 10443",
     ),
 )
@@ -309,6 +437,15 @@ def env() -> None:
 )
 @click.option("--ca", "ca_file", help="PEM file of the CA(s) that issue client certificates.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Gateway port of this environment.")
+@click.option(
+    "--issuing-ca-key", help="Private key of the CA that issues from CSRs (with --issuing-ca-cert)."
+)
+@click.option("--issuing-ca-cert", help="Certificate of that CA (PEM or DER).")
+@click.option("--no-issuing-ca", is_flag=True, help="Stop issuing certificates in this environment.")
+@click.option(
+    "--max-validity-days", type=click.IntRange(1, 825), help="Longest validity issued (default 730)."
+)
+@passphrase_options("issuing-ca-", "the issuing CA's key")
 @db_options
 def env_set(
     env_id: str,
@@ -316,31 +453,83 @@ def env_set(
     allow_self_signed: bool | None,
     ca_file: str | None,
     port: int | None,
-    data: str,
+    issuing_ca_key: str | None,
+    issuing_ca_cert: str | None,
+    no_issuing_ca: bool,
+    max_validity_days: int | None,
+    issuing_ca_passphrase_file: str | None,
+    issuing_ca_passphrase_env: str | None,
+    data: str | None,
     db: str | None,
 ) -> None:
-    ca_pem = read_file(ca_file, "the CA file").decode("ascii", "replace") if ca_file else None
-    row = with_registry(
-        data,
-        db,
-        lambda r: r.save_environment(
-            SYSTEM, env_id, name=name, allow_self_signed=allow_self_signed, ca_pem=ca_pem, gateway_port=port
-        ),
-    )
+    ca_pem = None
+    if ca_file:
+        ca_bytes = read_file(ca_file, "the CA file")
+        certs.load_certificates(ca_bytes, name=ca_file)  # says what the file is, if not certificates
+        ca_pem = ca_bytes.decode("ascii", "replace")
+    if bool(issuing_ca_key) != bool(issuing_ca_cert):
+        raise UsageError("give both --issuing-ca-key and --issuing-ca-cert")
+    if issuing_ca_key and no_issuing_ca:
+        raise UsageError("--no-issuing-ca and --issuing-ca-key contradict each other")
+    issuing_pem: str | None = "" if no_issuing_ca else None
+    issuer = None
+    if issuing_ca_key and issuing_ca_cert:
+        issuer = load_for_install(
+            issuing_ca_key,
+            issuing_ca_cert,
+            passphrase_source(issuing_ca_passphrase_file, issuing_ca_passphrase_env, issuing_ca_key),
+        )
+        issuing_pem = certs.certificate_pem(issuer.certificate).decode()
+    installed = None
+
+    async def work(registry: Registry) -> dict[str, Any]:
+        nonlocal installed
+        if issuer is not None:  # into the serve's data directory, once its registry is found there
+            installed = IssuingCAs(Path(data or DEFAULT_DATA)).install(env_id, issuer)
+        return await registry.save_environment(
+            SYSTEM,
+            env_id,
+            name=name,
+            allow_self_signed=allow_self_signed,
+            ca_pem=ca_pem,
+            gateway_port=port,
+            issuing_ca_pem=issuing_pem,
+            max_validity_days=max_validity_days,
+        )
+
+    row = with_registry(data, db, work)
     err.print(f"saved environment {row['id']} ({row['name']})")
+    if installed is not None:
+        err.print(
+            f"  issuing CA {row['issuing_ca']}: key {installed.key} (0600), certificate {installed.cert}; "
+            f"CSRs submitted for {row['id']} are issued for up to {row['max_validity_days']} days"
+        )
+    elif no_issuing_ca:
+        err.print(f"  {row['id']} no longer issues certificates from CSRs")
 
 
 @env.command("list", help="List environments.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def env_list(as_json: bool, data: str, db: str | None) -> None:
+def env_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_environments())
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        self_signed = "self-signed ok" if row["allow_self_signed"] else "CA-issued only"
-        out.print(f"{row['id']:<8} {row['name']:<20} port {row['gateway_port'] or '-':<6} {self_signed}")
+    table(
+        ["ENVIRONMENT", "NAME", "PORT", "CERTIFICATES"],
+        [
+            [
+                row["id"],
+                row["name"],
+                str(row["gateway_port"] or "-"),
+                ("self-signed ok" if row["allow_self_signed"] else "CA-issued only")
+                + (f", issues from CSRs ({row['issuing_ca']})" if row["issues_certificates"] else ""),
+            ]
+            for row in rows
+        ],
+        empty="no environments",
+    )
 
 
 # --- audit -----------------------------------------------------------------------------------
@@ -361,7 +550,7 @@ def audit() -> None:
 @click.option("--expect-head", help="The head hash recorded earlier.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def audit_verify(expect_head: str | None, as_json: bool, data: str, db: str | None) -> None:
+def audit_verify(expect_head: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     report = with_registry(data, db, lambda r: r.verify_audit(expect_head))
     if as_json:
         print_json(report.to_dict())
@@ -375,19 +564,28 @@ def audit_verify(expect_head: str | None, as_json: bool, data: str, db: str | No
 
 
 @audit.command("log", help="Show recent audit entries.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--org", "org_slug")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def audit_log(limit: int, org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+def audit_log(limit: int, org_slug: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.audit_entries(SYSTEM, limit=limit, org=org_slug))
     if as_json:
         print_json(rows)
         return
-    for row in reversed(rows):
-        out.print(
-            f"{row['at'][:19]} {row['actor']:<28} {row['action']:<22} {row['object_type']} {row['object_id'][:24]}"
-        )
+    table(
+        ["TIME (UTC)", "ACTOR", "ACTION", "OBJECT"],
+        [
+            [
+                row["at"][:19].replace("T", " "),
+                row["actor"],
+                row["action"],
+                f"{row['object_type']} {row['object_id'][:24]}",
+            ]
+            for row in reversed(rows)
+        ],
+        empty="no audit entries",
+    )
 
 
 __all__ = ["admin"]

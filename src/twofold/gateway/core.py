@@ -17,6 +17,7 @@ from cryptography import x509
 
 from twofold.crypto.keys import PrivateKey
 from twofold.gateway import pipeline
+from twofold.gateway.calls import CallRecorder
 from twofold.gateway.facts import ConnectionFacts, RequestHead
 from twofold.gateway.forward import Forwarder, Response, error_response
 from twofold.gateway.listeners import Connections
@@ -41,7 +42,7 @@ class GatewayConfig:
     access_log: bool = True
     header_timeout: float = 10.0  # from a request's first byte (or the handshake) to its last header
     body_timeout: float = 30.0  # from the last header to the last byte of the body
-    keepalive_timeout: float = 75.0  # idle between requests
+    idle_timeout: float = 75.0  # idle between requests
     max_connections: int = 10000  # per listener (and the process's descriptor limit caps them all)
 
     @property
@@ -50,7 +51,7 @@ class GatewayConfig:
             max_body=self.max_body,
             header_timeout=self.header_timeout,
             body_timeout=self.body_timeout,
-            keepalive_timeout=self.keepalive_timeout,
+            idle_timeout=self.idle_timeout,
             send_timeout=self.body_timeout,
         )
 
@@ -77,6 +78,7 @@ class Gateway:
         self._last_poll = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.calls = CallRecorder(registry.record_calls)  # recent calls for the dashboards
 
     # --- snapshot and TLS trust -----------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Gateway:
         await self.refresh()
         await self.forwarder.start()
         self._tasks.append(asyncio.create_task(self.watch()))
+        self.calls.start()
         if not is_sqlite(self.registry.url):
             self._tasks.append(asyncio.create_task(self.listen_notifications()))
 
@@ -161,6 +164,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.connections.stop()
+        await self.calls.stop()
         await self.forwarder.close()
 
     # --- the pipeline over the live snapshot ----------------------------------------------------
@@ -203,6 +207,7 @@ class Gateway:
         """Metrics and the access-log line of one request (never a body or a header value)."""
         env = facts.environment
         self.metrics.requests.count(env, outcome.product or "-", outcome.code, elapsed)
+        self.calls.record(env, outcome, method or "-", path or "-", status)
         if self.config.access_log:
             access_log.info(
                 json.dumps(

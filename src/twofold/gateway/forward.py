@@ -14,7 +14,7 @@ import aiohttp
 from yarl import URL
 
 from twofold.gateway.pipeline import GatewayError, Outcome
-from twofold.gateway.sandbox import SANDBOXES, Forwarded
+from twofold.gateway.sandbox import SANDBOXES, Forwarded, retry_after_header
 from twofold.gateway.snapshot import Product
 from twofold.gateway.upstream import (
     MAX_RESPONSE,
@@ -199,7 +199,9 @@ class Forwarder:
         status, data = await sandbox(self.registry, forwarded, forwarded.path[len(product.prefix) :])
         if status >= 400 and isinstance(data, dict):
             outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
-        return json_response(status, data, [("X-Request-Id", forwarded.headers["X-Request-Id"])])
+            outcome.message = str(data.get("error", {}).get("message", "")) or None
+        headers = [("X-Request-Id", forwarded.headers["X-Request-Id"]), *retry_after_header(data)]
+        return json_response(status, data, headers)
 
     async def _aiohttp(self, target: Target, path: str, forwarded: Forwarded) -> UpstreamResponse:
         assert self._session is not None

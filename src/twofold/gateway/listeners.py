@@ -33,16 +33,6 @@ SWEEP_INTERVAL = 0.5
 DESCRIPTOR_RESERVE = 64  # kept free for the database, the listeners, logs
 
 
-def raise_descriptor_limit() -> int:
-    """Raise the soft limit of open files to the hard limit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
-
-
 def descriptor_budget() -> int:
     """Client connections one process may hold: half of what its descriptor limit leaves
     after a reserve (each forwarded request may hold an upstream connection too)."""

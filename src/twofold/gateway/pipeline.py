@@ -88,10 +88,15 @@ class Outcome:
     """What the access log and metrics record about one request (never bodies or headers)."""
 
     org: str | None = None
+    org_id: int | None = None
     fingerprint: str | None = None
     product: str | None = None
     signature_fingerprint: str | None = None
     code: str = "ok"
+    message: str | None = None  # the refusal message (recent calls on the dashboard)
+
+    def refused(self, error: TwofoldError) -> None:
+        self.code, self.message = error.code, error.message
 
 
 class Admitted:
@@ -350,6 +355,15 @@ def verify_signature(
                 f"signature does not verify against any Digital Signature certificate of organisation "
                 f"{client.org} in environment {env}"
             )
+            known = verifier.signed_by_a_known_key(body)
+            if known is False:
+                message += (
+                    ": the signing key belongs to none of them. Register its certificate on the "
+                    "portal's Security page (Add Security, Digital Signature), or sign with the key of "
+                    "a registered one"
+                )
+            elif known is True:
+                message += ": a registered key signed it, but not these bytes; send exactly what was signed"
         raise GatewayError(message, code=error.code, status=status) from None
     try:
         check_json(verified.payload)
@@ -431,7 +445,7 @@ def admit(
     a byte of the body is read (and before ``100 Continue`` is sent)."""
     env = facts.environment
     client = identify(snapshot, facts)
-    outcome.org, outcome.fingerprint = client.org, client.fingerprint
+    outcome.org, outcome.org_id, outcome.fingerprint = client.org, client.org_id, client.fingerprint
     product = route(snapshot, head, env)
     outcome.product = product.id
     authorise(snapshot, client, product, env)

@@ -475,7 +475,7 @@ class GatewayProtocol(asyncio.Protocol):
         if self._closing:
             return
         if not self._queue and not self._busy and self._parsing is None and self.waiting_for != _SEND:
-            self._set_deadline(_IDLE, self.limits.keepalive_timeout)
+            self._set_deadline(_IDLE, self.limits.idle_timeout)
         if self._held and not self._write_paused and not self._busy and len(self._queue) <= 1:
             self._release()  # nothing queued ahead: read (the first request's body, or the next one)
             if self._queue and not self._busy:
@@ -497,7 +497,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._start(request)
 
     def _answer_refusal(self, request: _Request, error: TwofoldError) -> None:
-        request.outcome.code = error.code
+        request.outcome.refused(error)
         if not request.complete:
             # Answered before its body: read and drop the rest — unless the client waits for
             # 100 Continue (it may never send it) or the refusal is about the body.
@@ -532,7 +532,7 @@ class GatewayProtocol(asyncio.Protocol):
             try:
                 response = forwarder.relay(admitted.product, forwarded, request.outcome, done)
             except TwofoldError as error:
-                request.outcome.code = error.code
+                request.outcome.refused(error)
                 response = error_response(error.status, error.code, error.message)
             except Exception as exc:
                 response = self.gateway.internal_error(exc, request.head, request.outcome)
@@ -546,7 +546,7 @@ class GatewayProtocol(asyncio.Protocol):
         try:
             response = await self.gateway.forward(admitted, forwarded, request.outcome)
         except TwofoldError as error:
-            request.outcome.code = error.code
+            request.outcome.refused(error)
             response = error_response(error.status, error.code, error.message)
         except Exception as exc:
             response = self.gateway.internal_error(exc, request.head, request.outcome)
@@ -569,7 +569,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def _record(self, request: _Request, error: TwofoldError | None, status: int) -> None:
         if error is not None:
-            request.outcome.code = error.code
+            request.outcome.refused(error)
         head = request.head
         assert self.facts is not None
         self.gateway.record(

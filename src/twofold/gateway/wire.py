@@ -19,7 +19,7 @@ class Limits:
     max_head: int = 64 * 1024  # the request line and every header together
     header_timeout: float = 10.0  # from the first byte of a request (or the handshake) to its last header
     body_timeout: float = 30.0  # from the last header to the last byte of the body
-    keepalive_timeout: float = 75.0  # idle between requests
+    idle_timeout: float = 75.0  # idle between requests
     send_timeout: float = 30.0  # a client that stops reading its answers
 
 

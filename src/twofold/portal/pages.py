@@ -11,6 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
+from twofold.portal import notices
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -21,6 +22,8 @@ from twofold.portal.web import (
     client_address,
     error_status,
     principal,
+    read_form,
+    with_retry_after,
 )
 from twofold.registry.auth import ROLE_LABELS, Principal
 from twofold.registry.rules import Forbidden, RegistryError
@@ -34,20 +37,49 @@ def _registry(request: web.Request) -> Registry:
 
 
 PASSWORD_PAGE = "/account/password"
+CODE_PAGE = "/login/code"
+ENROL_PAGE = "/account/mfa"
 
 
-def _signed_in(request: web.Request, *, allow_one_time: bool = False) -> Principal:
+def _signed_in(
+    request: web.Request, *, allow_one_time: bool = False, allow_second_factor_pending: bool = False
+) -> Principal:
+    """The signed-in user, or a redirect to the step their sign-in still needs: the
+    authenticator code (enrolled), then a new password (one-time password), then setting
+    up the second factor (API Security users and operators who have none yet)."""
     who = principal(request)
     if who is None:
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
+    if allow_second_factor_pending:
+        return who
+    if who.mfa_enrolled and not who.mfa_passed:
+        raise web.HTTPSeeOther(CODE_PAGE)
     if who.must_change_password and not allow_one_time:
         raise web.HTTPSeeOther(PASSWORD_PAGE)  # a one-time password opens this page only
+    if who.needs_second_factor and not allow_one_time:
+        raise web.HTTPSeeOther(ENROL_PAGE)
     return who
+
+
+def start_session(
+    request: web.Request, cookie: str, location: str, flash: str | None = None
+) -> web.HTTPSeeOther:
+    """A redirect that sets the new session's cookie."""
+    response = _redirect(request, location, flash)
+    _set_session_cookie(request, response, cookie)
+    return response
+
+
+def same_site_form(request: web.Request, what: str) -> None:
+    """Forms that work without a session (sign-in, links): browsers say where a form came
+    from; another site must not post them for a visitor. Scripts send no Sec-Fetch-Site."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        raise Forbidden(what, code="cross_site_login")
 
 
 async def _form(request: web.Request) -> dict[str, Any]:
     """The posted form, after checking its CSRF token against the session's."""
-    form = await request.post()
+    form = await read_form(request)
     sent = str(form.get("csrf_token", ""))
     expected = request.get(CSRF, "")
     if not expected or not hmac.compare_digest(sent, expected):
@@ -91,11 +123,12 @@ async def render(
         "flash": _unquote(flash) if flash else None,
         "error": error,
         "path": request.path,
+        "expiring": await notices.expiring(request),  # the expiry banner (_expiry_banner.html)
     }
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     if flash:
         response.del_cookie(FLASH_COOKIE, path="/")
-    return response
+    return with_retry_after(response, error)
 
 
 def _unquote(value: str) -> str:
@@ -128,11 +161,9 @@ async def login_page(request: web.Request) -> web.Response:
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
     # Login CSRF: another site must not sign a visitor in to an account of its choosing (whose
-    # organisation would then receive the visitor's certificates). Browsers say where a form
-    # came from; scripts and CLIs send no Sec-Fetch-Site and are not affected.
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        raise Forbidden("sign in from the portal's own sign-in page", code="cross_site_login")
-    form = await request.post()
+    # organisation would then receive the visitor's certificates).
+    same_site_form(request, "sign in from the portal's own sign-in page")
+    form = await read_form(request)
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))
     next_url = _safe_next(str(form.get("next", "")))
@@ -150,10 +181,21 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         who = await _registry(request).authenticate(email, password)
     except TwofoldError as error:
+        if error.status >= 500:  # the registry could not decide: not a failed sign-in
+            limiter.cancel(address, email)
+            return await render(request, "login.html", context, status=error.status, error=error)
         return await render(request, "login.html", context, status=401, error=error)
-    limiter.succeeded(address, email)
     cookie, _csrf = await _registry(request).create_session(who)
-    response = web.HTTPSeeOther(next_url)
+    if who.mfa_enrolled:
+        # Earlier failures are forgiven only once the code passes: wrong codes count with wrong
+        # passwords, so the password cannot be used to reset the count for code guessing.
+        limiter.cancel(address, email)  # this attempt passed; the earlier failures stay
+        raise start_session(request, cookie, f"{CODE_PAGE}?next={quote(next_url)}")
+    limiter.succeeded(address, email)
+    raise start_session(request, cookie, next_url)
+
+
+def _set_session_cookie(request: web.Request, response: web.StreamResponse, cookie: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
@@ -163,7 +205,6 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=request.app[CONFIG].secure_cookies,
         max_age=8 * 3600,
     )
-    raise response
 
 
 @routes.post("/logout")
@@ -180,7 +221,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 @routes.get("/")
 async def home(request: web.Request) -> web.StreamResponse:
     who = _signed_in(request)
-    raise web.HTTPSeeOther("/admin/organisations" if who.is_operator else "/security")
+    raise web.HTTPSeeOther("/admin/overview" if who.is_operator else "/dashboard")
 
 
 # --- security: certificates ----------------------------------------------------------------------
@@ -193,7 +234,10 @@ async def _security(
     status: int = 200,
     error: TwofoldError | None = None,
     use: str = "mtls",
+    upload_error: bool = False,
+    **extra: Any,
 ) -> web.Response:
+    """The Security page; ``extra`` goes to the template (e.g. which form an error is about)."""
     who = _signed_in(request)
     registry = _registry(request)
     envs = await registry.list_environments()
@@ -217,10 +261,23 @@ async def _security(
             "can_manage": who.manages_certificates,
             "use": use,
             "gateway": gateway,
+            # An upload (or a CSR) refused: the dialog opens again and shows why — not the page
+            # banner too.
+            "error_in_dialog": error is not None
+            and who.manages_certificates
+            and (upload_error or extra.get("form") == "csr"),
+            "issued": await _issued(request, rows),
+            **extra,
         },
         status=status,
         error=error,
     )
+
+
+async def _issued(request: web.Request, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The certificate just issued from a CSR (``?issued=<fingerprint>``), to offer its download."""
+    wanted = request.query.get("issued", "").lower()
+    return next((row for row in rows if wanted and row["fingerprint"] == wanted), None)
 
 
 @routes.get("/security")
@@ -238,7 +295,9 @@ async def add_certificate(request: web.Request) -> web.StreamResponse:
     try:
         row = await _registry(request).add_certificate(who, env_id, use, data)
     except TwofoldError as error:
-        return await _security(request, env_id, status=error_status(error), error=error, use=use)
+        return await _security(
+            request, env_id, status=error_status(error), error=error, use=use, upload_error=True
+        )
     raise _redirect(
         request,
         f"/security?env={quote(env_id)}",
@@ -355,20 +414,30 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     who = _signed_in(request, allow_one_time=True)
     form = await _form(request)
     new, confirm = str(form.get("new_password", "")), str(form.get("confirm_password", ""))
+    registry = _registry(request)
     try:
         if new != confirm:
             raise RegistryError(
                 "the two new passwords differ; type the same one twice", code="password_mismatch"
             )
-        await _registry(request).change_own_password(who, str(form.get("current_password", "")), new)
+        if who.must_change_password:
+            await registry.replace_one_time_password(who, new)
+        else:
+            await registry.change_own_password(who, str(form.get("current_password", "")), new)
     except TwofoldError as error:
         status = (
             400 if error.status == 401 else error_status(error)
         )  # a wrong current password is a form error
         return await _password_page(request, status=status, error=error)
-    # set_password ended every session, this one included: sign in again with the new password.
-    response = _redirect(request, "/login", "Password changed; sign in with the new one")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    if not who.must_change_password:
+        # set_password ended every session, this one included: sign in again with the new password.
+        response = _redirect(request, "/login", "Password changed; sign in with the new one")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+    # The first sign-in: every session ended, and this browser goes on in a new one.
+    cookie, _csrf = await registry.create_session(who)
+    response = _redirect(request, "/", "Your password is set. Welcome!")
+    _set_session_cookie(request, response, cookie)
     raise response
 
 
@@ -425,6 +494,7 @@ async def _admin(
     context: dict[str, Any] = {
         "orgs": await registry.list_orgs(who),
         "users": await registry.list_users(who),
+        "invitations": await registry.list_invitations(who),
         "envs": await registry.list_environments(),
         "products": await registry.list_products(),
     }
@@ -457,7 +527,7 @@ async def admin_users(request: web.Request) -> web.Response:
 @routes.post("/admin/users")
 async def admin_add_user(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     roles = [str(r) for r in form.getall("roles", [])]
     try:
@@ -512,7 +582,7 @@ async def admin_products(request: web.Request) -> web.Response:
 @routes.post("/admin/products")
 async def admin_save_product(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     try:
         product = await _registry(request).save_product(

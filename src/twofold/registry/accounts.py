@@ -7,7 +7,7 @@ import datetime as dt
 import re
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from twofold.registry import audit
@@ -24,8 +24,17 @@ from twofold.registry.auth import (
 )
 from twofold.registry.base import RegistryBase, _slug
 from twofold.registry.models import (
+    AccountLink,
     ApiToken,
+    Certificate,
+    CnOwner,
+    GatewayCall,
+    GatewayFirstSuccess,
     Organisation,
+    Project,
+    ProjectProduct,
+    RecoveryCode,
+    SandboxPayment,
     Session,
     User,
     utcnow,
@@ -51,6 +60,8 @@ def user_view(row: User, org_slug: str | None) -> dict[str, Any]:
         "roles": roles,
         "role_labels": [ROLE_LABELS[r] for r in roles],
         "active": row.active,
+        "pending_activation": bool(row.pending_activation),
+        "second_factor": row.totp_enabled_at is not None,
         "created_at": row.created_at.isoformat(),
     }
 
@@ -65,7 +76,7 @@ class SessionsMixin(RegistryBase):
 
     # --- authentication ---------------------------------------------------------------------
 
-    async def _principal_for(self, session: AsyncSession, user: User) -> Principal:
+    async def _principal_for(self, session: AsyncSession, user: User, *, mfa_passed: bool) -> Principal:
         slug = None
         if user.org_id is not None:
             slug = (
@@ -78,6 +89,8 @@ class SessionsMixin(RegistryBase):
             slug,
             frozenset(r for r in user.roles.split(",") if r),
             bool(user.must_change_password),
+            mfa_enrolled=user.totp_enabled_at is not None,
+            mfa_passed=mfa_passed,
         )
 
     async def authenticate(self, email: str, password: str) -> Principal:
@@ -87,7 +100,7 @@ class SessionsMixin(RegistryBase):
             ok = await asyncio.to_thread(check_password, user.password_hash if user else None, password)
             if not user or not ok or not user.active:
                 raise Unauthorized("wrong email or password", code="login_failed")
-            return await self._principal_for(session, user)
+            return await self._principal_for(session, user, mfa_passed=False)
 
     async def create_session(self, principal: Principal) -> tuple[str, str]:
         """A new session: (cookie value, CSRF token). Only the cookie's hash is stored."""
@@ -125,7 +138,8 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 return None
-            return await self._principal_for(session, user), row.csrf_token
+            principal = await self._principal_for(session, user, mfa_passed=row.mfa_at is not None)
+            return principal, row.csrf_token
 
     async def end_session(self, cookie: str) -> None:
         async def work(session: AsyncSession) -> None:
@@ -135,6 +149,7 @@ class SessionsMixin(RegistryBase):
 
     async def create_token(self, actor: Principal, name: str = "api", *, for_email: str | None = None) -> str:
         """A personal API token (shown once). Operators may create one for another user."""
+        self._need_second_factor(actor)
         token = new_secret(TOKEN_PREFIX)
 
         async def work(session: AsyncSession) -> None:
@@ -179,7 +194,7 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 raise Unauthorized("the API token's user is deactivated", code="token_invalid")
-            principal = await self._principal_for(session, user)
+            principal = await self._principal_for(session, user, mfa_passed=True)
         return principal
 
     async def list_tokens(self, actor: Principal) -> list[dict[str, Any]]:
@@ -195,6 +210,7 @@ class SessionsMixin(RegistryBase):
                     "name": r.name,
                     "prefix": r.prefix,
                     "created_at": r.created_at.isoformat(),
+                    "last_used_at": r.last_used_at.isoformat() if r.last_used_at else None,
                     "revoked": r.revoked_at is not None,
                 }
                 for r in rows
@@ -241,6 +257,60 @@ class AccountsMixin(SessionsMixin):
                 details={"name": org.name},
             )
             return {"id": org.id, "slug": org.slug, "name": org.name}
+
+        return await self._tx(work)
+
+    async def delete_org(self, actor: Principal, slug: str) -> dict[str, Any]:
+        """Delete an organisation with everything it owns — users (their sessions and tokens),
+        projects, removed certificates, sandbox payments — operators only, and only once it
+        has no active certificate (removing those is a step of its own, seen by gateways).
+        The audit log keeps every event, the deletion too."""
+        self._need_operator(actor)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            org = await self._org_by_slug(session, slug)
+            active = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(Certificate)
+                    .where(Certificate.org_id == org.id, Certificate.status == "active")
+                )
+            ).scalar()
+            if active:
+                raise Conflict(
+                    f"organisation {org.slug} still has {active} active certificate(s): remove them "
+                    "first (Security page, or twofold portal cert rm)",
+                    code="org_has_certificates",
+                )
+            user_ids = select(User.id).where(User.org_id == org.id).scalar_subquery()
+            project_ids = select(Project.id).where(Project.org_id == org.id).scalar_subquery()
+            users = int(
+                (await session.execute(select(func.count()).where(User.org_id == org.id))).scalar() or 0
+            )
+            await session.execute(delete(Session).where(Session.user_id.in_(user_ids)))
+            await session.execute(delete(ApiToken).where(ApiToken.user_id.in_(user_ids)))
+            await session.execute(delete(AccountLink).where(AccountLink.user_id.in_(user_ids)))
+            await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id.in_(user_ids)))
+            await session.execute(delete(User).where(User.org_id == org.id))
+            await session.execute(delete(GatewayCall).where(GatewayCall.org_id == org.id))
+            await session.execute(delete(GatewayFirstSuccess).where(GatewayFirstSuccess.org_id == org.id))
+            await session.execute(delete(ProjectProduct).where(ProjectProduct.project_id.in_(project_ids)))
+            await session.execute(delete(Project).where(Project.org_id == org.id))
+            await session.execute(delete(Certificate).where(Certificate.org_id == org.id))
+            await session.execute(delete(CnOwner).where(CnOwner.org_id == org.id))
+            await session.execute(delete(SandboxPayment).where(SandboxPayment.org_id == org.id))
+            await session.delete(org)
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="org.delete",
+                object_type="organisation",
+                object_id=org.slug,
+                org_id=org.id,
+                details={"name": org.name, "users": users},
+            )
+            await self._bump(session)
+            return {"slug": org.slug, "name": org.name, "users": users}
 
         return await self._tx(work)
 
@@ -324,6 +394,7 @@ class AccountsMixin(SessionsMixin):
             user = await self._user_by_email(session, email)
             user.password_hash = hashed
             user.must_change_password = one_time
+            user.pending_activation = False  # an operator's one-time password activates too
             await session.execute(delete(Session).where(Session.user_id == user.id))
             revoked = 0
             if email != actor.name:  # an operator's reset (a suspected compromise): tokens go too
@@ -347,6 +418,26 @@ class AccountsMixin(SessionsMixin):
         await self.authenticate(actor.name, current)  # Unauthorized if wrong
         if new == current:
             raise RegistryError("choose a password different from the current one", code="password_unchanged")
+        await self.set_password(actor, actor.name, new)
+
+    async def replace_one_time_password(self, actor: Principal, new: str) -> None:
+        """The first sign-in with a one-time password: the user chooses their own without typing
+        the one-time one again — the session they just opened with it is the proof. Every
+        session ends (the caller opens a new one for this browser)."""
+        if actor.user_id is None:
+            raise Forbidden("this account has no password")
+        async with self.sessions() as session:
+            user = await session.get(User, actor.user_id)
+            if user is None or not user.must_change_password:
+                raise Forbidden(
+                    "your password is not a one-time password: give the current one to change it",
+                    code="current_password_required",
+                )
+            old_hash = user.password_hash
+        if await asyncio.to_thread(check_password, old_hash, new):
+            raise RegistryError(
+                "choose a password of your own, not the one-time password", code="password_unchanged"
+            )
         await self.set_password(actor, actor.name, new)
 
     @staticmethod
@@ -443,6 +534,6 @@ class AccountsMixin(SessionsMixin):
             if not actor.is_operator:
                 query = query.where(User.org_id == actor.org_id)
             elif org:
-                query = query.where(Organisation.slug == org)
+                query = query.where(User.org_id == (await self._org_by_slug(session, org)).id)
             rows = (await session.execute(query.order_by(User.email))).all()
             return [user_view(u, slug) for u, slug in rows]

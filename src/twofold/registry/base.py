@@ -3,18 +3,19 @@ watch, and the helpers shared by the aggregates (organisations, users, certifica
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from twofold.registry import audit
 from twofold.registry.auth import (
     Principal,
 )
-from twofold.registry.db import create_engine, in_transaction, is_sqlite, sessionmaker
+from twofold.registry.db import Sessions, create_engine, in_transaction, is_sqlite, sessionmaker
 from twofold.registry.models import (
     Organisation,
     RegistryVersion,
@@ -47,7 +48,9 @@ class RegistryBase:
     def __init__(self, engine: AsyncEngine, url: str) -> None:
         self.engine = engine
         self.url = url
-        self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(engine)
+        self.sessions: Sessions = sessionmaker(engine)
+        # What time it is for links, second-factor codes and the dashboard: tests move it.
+        self.clock: Callable[[], dt.datetime] = utcnow
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, readonly: bool = False) -> Self:
@@ -90,6 +93,16 @@ class RegistryBase:
             raise Forbidden("only platform operators may do this", code="operator_only")
 
     @staticmethod
+    def _need_second_factor(actor: Principal) -> None:
+        """Credential changes need a session that passed the second factor (where the
+        account has or needs one)."""
+        if actor.needs_second_factor:
+            raise Forbidden(
+                "confirm this session with your authenticator code first (sign out and in again)",
+                code="second_factor_required",
+            )
+
+    @staticmethod
     async def _user_by_email(session: AsyncSession, email: str) -> User:
         user = (await session.execute(select(User).where(User.email == email.strip().lower()))).scalar()
         if user is None:
@@ -118,6 +131,8 @@ class RegistryBase:
                     query = query.where(AuditEntry.org_id == (await self._org_by_slug(session, org)).id)
             else:
                 query = query.where(AuditEntry.org_id == actor.org_id)
+            entries = list((await session.execute(query)).scalars())
+            labels = await self._audit_labels(session, entries)
             return [
                 {
                     "id": e.id,
@@ -126,11 +141,31 @@ class RegistryBase:
                     "action": e.action,
                     "object_type": e.object_type,
                     "object_id": e.object_id,
+                    "object_label": labels.get((e.object_type, e.object_id), e.object_id),
                     "details": e.details,
                     "hash": e.hash,
                 }
-                for e in (await session.execute(query)).scalars()
+                for e in entries
             ]
+
+    @staticmethod
+    async def _audit_labels(session: AsyncSession, entries: list[Any]) -> dict[tuple[str, str], str]:
+        """What a person calls an entry's object: a project's name (its id means nothing to
+        them; a deleted project keeps the name its entries recorded), a certificate's CN."""
+        from twofold.registry.models import Project
+
+        labels: dict[tuple[str, str], str] = {}
+        for e in entries:
+            name = (e.details or {}).get("name" if e.object_type == "project" else "common_name")
+            if e.object_type in ("project", "certificate") and isinstance(name, str):
+                labels.setdefault((e.object_type, e.object_id), name)
+        ids = {int(e.object_id) for e in entries if e.object_type == "project" and e.object_id.isdigit()}
+        if ids:
+            for project_id, name in await session.execute(
+                select(Project.id, Project.name).where(Project.id.in_(ids))
+            ):
+                labels[("project", str(project_id))] = name
+        return labels
 
     async def verify_audit(self, expect_head: str | None = None) -> audit.AuditReport:
         async with self.sessions() as session:

@@ -97,10 +97,20 @@ def inspect_upload(
             "the file is empty; choose the certificate file (.pem, .crt or .cer)", code="empty_file"
         )
     if _pem.looks_like_private_key(data):
+        if not _pem.is_pem(data) and _pem.sniff_der(data) == "pkcs12":
+            what, only = (
+                "a PKCS#12 bundle (.p12/.pfx), which holds a PRIVATE KEY",
+                "export the certificate alone (openssl pkcs12 -in bundle.p12 -clcerts -nokeys -out cert.pem) "
+                "and upload that",
+            )
+        else:
+            what, only = (
+                "contains a PRIVATE KEY",
+                "upload only the certificate (the file starting with -----BEGIN CERTIFICATE-----, or its DER form)",
+            )
         raise RegistryError(
-            "this file contains a PRIVATE KEY. Nothing was stored. Never upload private keys: treat "
-            "this key as exposed — generate a new key pair and certificate, and upload only the "
-            "certificate (the file starting with -----BEGIN CERTIFICATE-----)",
+            f"this file {'is ' if what.startswith('a ') else ''}{what}. Nothing was stored. Never upload private "
+            f"keys: treat this key as exposed — generate a new key pair and certificate, and {only}",
             code="private_key_uploaded",
         )
     if len(data) > MAX_UPLOAD:
@@ -112,7 +122,9 @@ def inspect_upload(
         )
     try:
         listed = certs.load_certificates(data, name="the file")
-    except TwofoldError:
+    except TwofoldError as error:
+        if error.code in ("certificate_unreadable", "key_unsupported"):
+            raise RegistryError(error.message, code=error.code) from None
         raise RegistryError(
             f"the file is {_pem.describe(data)}, not a certificate; upload a PEM or DER X.509 certificate",
             code="not_a_certificate",
@@ -181,6 +193,12 @@ def inspect_upload(
                 f"names up to {MAX_NAME:,}: reissue it with a shorter {what}",
                 code="name_too_long",
             )
+    if cert.serial_number <= 0:
+        raise RegistryError(
+            "the certificate's serial number is zero or negative, which X.509 (RFC 5280) forbids: "
+            "ask the issuer for a conforming certificate",
+            code="serial_invalid",
+        )
     serial = format(cert.serial_number, "X")
     if len(serial) > MAX_SERIAL_HEX:
         raise RegistryError(
