@@ -11,9 +11,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+SSLYZE := $(VENV)/sslyze/bin/sslyze
+
 # Reinstall when pyproject.toml changes.
 $(DEPS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,dev,bench]'
+	touch $@
+
+# sslyze (the TLS scan of tests/test_tls_scan.py) in a virtualenv of its own: see pyproject.toml.
+$(SSLYZE): pyproject.toml | $(BIN)/python
+	$(PYTHON) -m venv $(VENV)/sslyze
+	$(VENV)/sslyze/bin/python -m pip install -q --upgrade pip
+	$(VENV)/sslyze/bin/python -m pip install -q --group tls-scan
 	touch $@
 
 ## make run: the main job — portal, gateways (cat :8443, prod :9443) and sandbox on SQLite.
@@ -26,7 +35,7 @@ walkthrough: $(DEPS)
 
 ## make test: install what the tests need (Python packages; openssl, curl, nginx,
 ## chromium from Debian when missing), then lint, type-check and run every suite.
-test: $(DEPS) system-deps lint typecheck unit
+test: $(DEPS) $(SSLYZE) system-deps lint typecheck unit
 
 system-deps:
 	@scripts/system-deps.sh

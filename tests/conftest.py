@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import os
 import secrets
@@ -91,6 +92,23 @@ async def _postgres_admin(sql: str, database: str = "postgres") -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+@contextlib.contextmanager
+def own_postgres_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database of the caller's own, dropped afterwards (connections and
+    all); NOT RUN locally / a failure in CI when PostgreSQL cannot be reached."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    try:
+        _in_thread(lambda: _postgres_admin(f'CREATE DATABASE "{name}"'))
+        reachable = True
+    except Exception:
+        reachable = False
+    require(POSTGRES_PART, reachable)
+    try:
+        yield name
+    finally:
+        _in_thread(lambda: _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

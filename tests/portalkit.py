@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import tempfile
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ from twofold.aio import LoopThread
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
+from twofold.issuing import IssuingCAs
+from twofold.listener import GuardedSite
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal
@@ -36,14 +40,23 @@ PASSWORD = "correct horse battery staple"
 # and, configured on the `prod` environment, the client certificates that `prod` accepts.
 SERVER_CA = LocalCA("twofold portal test CA")
 PROD_CA = LocalCA("twofold prod issuing CA")
+# The CA that issues from CSRs in `prod` (its key in the server's data directory).
+PROD_ISSUER = LocalCA("twofold prod CSR issuing CA")
 
 
 class PortalServer:
     """``init_app`` over HTTPS (``server_context(..., require_client_cert=False)``)."""
 
-    def __init__(self, db_path: Path, *, config: PortalConfig | None = None) -> None:
+    def __init__(self, db_path: Path | str, *, config: PortalConfig | None = None) -> None:
         self.db_path = db_path
         self.config = config or PortalConfig(secure_cookies=True)
+        if self.config.issuers is None:  # beside a SQLite file, else (a database URL) a directory of its own
+            data = (
+                db_path.parent / "issuing-data"
+                if isinstance(db_path, Path)
+                else Path(tempfile.mkdtemp(prefix="twofold-issuing-"))
+            )
+            self.config = replace(self.config, issuers=IssuingCAs(data))
         issued = SERVER_CA.issue("localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1"])
         self.tls = server_context(issued.key, issued.certificate, require_client_cert=False)
         self.port = 0
@@ -75,12 +88,18 @@ class PortalServer:
         registry = await Registry.open(str(self.db_path))
         await registry.ensure_defaults()
         await registry.save_environment(
-            SYSTEM, "prod", ca_pem=certs.certificate_pem(PROD_CA.certificate).decode()
+            SYSTEM,
+            "prod",
+            ca_pem=certs.certificate_pem(PROD_CA.certificate).decode(),
+            issuing_ca_pem=certs.certificate_pem(PROD_ISSUER.certificate).decode(),
         )
+        assert self.config.issuers is not None
+        if not self.config.issuers.present("prod"):
+            self.config.issuers.install("prod", PROD_ISSUER)
         self.registry = registry
         self._runner = web.AppRunner(init_app(registry, self.config), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
+        site = GuardedSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)  # as `twofold serve` does
         await site.start()
         self.port = self._runner.addresses[0][1]
 

@@ -29,11 +29,9 @@ import requests
 
 from conftest import (
     POSTGRES_HOST,
-    POSTGRES_PART,
     POSTGRES_PORT,
     _in_thread,
-    _postgres_admin,
-    require,
+    own_postgres_database,
     require_binary,
 )
 from gatewaykit import (
@@ -888,14 +886,7 @@ def test_one_json_access_log_line_per_request_without_bodies_or_jws(world: World
 
 @pytest.fixture(scope="module")
 def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    name = f"twofold_gw_{uuid.uuid4().hex[:12]}"
-    try:
-        _in_thread(lambda: _postgres_admin(f'CREATE DATABASE "{name}"'))
-        reachable = True
-    except Exception:
-        reachable = False
-    require(POSTGRES_PART, reachable)
-    try:
+    with own_postgres_database("twofold_gw") as name:
         url = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
 
         def nothing_left_open() -> None:
@@ -908,8 +899,6 @@ def pg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             running.extra["database"] = name
             yield running
             running.assert_no_internal_errors()
-    finally:
-        _in_thread(lambda: _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _pg_value(sql: str, *args: object) -> Any:

@@ -52,7 +52,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tmp_path_factory.mktemp("gateway-limits"),
         header_timeout=HEADER_TIMEOUT,
         body_timeout=BODY_TIMEOUT,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        idle_timeout=KEEPALIVE_TIMEOUT,
         max_connections=MAX_CONNECTIONS,
     ) as running:
         yield running

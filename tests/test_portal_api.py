@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from portalkit import (
     PASSWORD,
+    PROD_ISSUER,
     PortalServer,
     ec_key,
     pem,
@@ -264,6 +265,44 @@ def _new_certificate(world: World, role: str) -> Call:
     )
 
 
+def _new_csr(world: World, role: str) -> Call:
+    own = "bravo" if role.startswith("bravo") else "alpha"
+    key = ec_key()
+    csr = certs.build_csr(key, f"/O=Test/CN={world.unique(f'{own}-requested')}")
+    spki = keys.public_key_bytes(key)
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        mine = [c for c in world.server.certificates(env="prod") if c["organisation"] == own]
+        issued = [
+            c
+            for c in mine
+            if c["common_name"] == certs.common_name(csr.subject) and c["environment"] == "prod"
+        ]
+        assert bool(issued) is ok
+        if ok:
+            body = response.json()
+            certificate = certs.load_certificate(body["certificate_pem"].encode())
+            assert keys.public_key_bytes(certificate.public_key()) == spki  # type: ignore[arg-type]
+            assert body["organisation"] == own
+            assert body["chain_pem"] == pem(PROD_ISSUER.certificate).decode()
+            if own == "alpha":
+                world.alpha_markers.add(body["fingerprint"])
+
+    return Call(
+        json={"environment": "prod", "use": "mtls", "csr": certs.csr_pem(csr).decode()}, verify=verify
+    )
+
+
+def _alpha_certificate_pem(world: World, role: str) -> Call:
+    def verify(ok: bool, response: httpx.Response) -> None:
+        if ok:
+            got = certs.load_certificate(response.json()["certificate_pem"].encode())
+            assert got == world.alpha_certificate
+            assert response.json()["chain_pem"] == ""  # self-signed: no chain
+
+    return Call(path_params={"fingerprint": certs.fingerprint_sha256(world.alpha_certificate)}, verify=verify)
+
+
 def _alpha_certificate(world: World, role: str) -> Call:
     def verify(ok: bool, response: httpx.Response) -> None:
         if ok:
@@ -365,6 +404,10 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("POST", "/api/v1/certificates"): Spec(only(201, "alpha_security", "bravo_security"), _new_certificate),
     ("GET", "/api/v1/certificates/{fingerprint}"): Spec(
         only(200, *ALPHA_SIDE, others=404), _alpha_certificate, ALPHA_SIDE
+    ),
+    ("POST", "/api/v1/certificates/requests"): Spec(only(201, "alpha_security", "bravo_security"), _new_csr),
+    ("GET", "/api/v1/certificates/{fingerprint}/pem"): Spec(
+        only(200, *ALPHA_SIDE, others=404), _alpha_certificate_pem, ALPHA_SIDE
     ),
     ("DELETE", "/api/v1/certificates/{fingerprint}"): Spec(
         only(200, "operator", "alpha_security", bravo_security=404), _remove_alpha_certificate

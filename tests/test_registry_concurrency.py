@@ -188,6 +188,32 @@ async def test_removing_both_certificates_of_a_cn_in_parallel_releases_the_name(
     assert (await registry.verify_audit()).ok
 
 
+async def test_two_removals_of_one_certificate_at_once_remove_it_once(registry: Registry) -> None:
+    """Two API Security users (or an operator's incident response and the owner) remove the
+    same certificate at the same moment: exactly one removal succeeds, the other is told it is
+    not there (404), and the audit log records one removal. PostgreSQL without a row lock let
+    both succeed in 30 of 30 rounds."""
+    acme = await make_org(registry, "acme")
+    rounds = 12
+    for round_ in range(rounds):
+        row = await registry.add_certificate(acme.security, "cat", "mtls", make_cert(f"once-{round_}").pem)
+        results = await asyncio.gather(
+            *(registry.remove_certificate(acme.security, "cat", row["fingerprint"]) for _ in range(2)),
+            return_exceptions=True,
+        )
+        assert sorted(outcome(r) for r in results) == ["certificate_not_found", "ok"], (round_, results)
+        assert [getattr(r, "status", None) for r in results if not isinstance(r, dict)] == [404]
+        removals = await count(
+            registry,
+            AuditEntry,
+            AuditEntry.action == "certificate.remove",
+            AuditEntry.object_id == row["fingerprint"],
+        )
+        assert removals == 1, f"round {round_}: {removals} audit entries for one removal"
+    assert await count(registry, AuditEntry, AuditEntry.action == "certificate.remove") == rounds
+    assert (await registry.verify_audit()).ok
+
+
 def make_cert_der(pem: bytes) -> bytes:
     from twofold.crypto import certs
 

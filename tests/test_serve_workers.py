@@ -5,10 +5,7 @@ registry is refused by both within a second."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +16,7 @@ import pytest
 
 import twofold
 from gatewaykit import PROPAGATION, free_port, seed_balance_client, wait_until
+from servekit import serve_process
 from twofold.crypto import certs, keys
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
@@ -80,43 +78,25 @@ def _free_port_pair() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("workers")
-    data = work / "data"
-    gateway, prod, portal, admin = free_port(), free_port(), free_port(), _free_port_pair()
-    config = work / "twofold.toml"
-    config.write_text(
-        f"workers = 2\nportal_port = {portal}\nadmin_port = {admin}\n[ports]\ncat = {gateway}\nprod = {prod}\n"
-    )
-    log = work / "serve.log"
-    process = subprocess.Popen(
-        [TWOFOLD, "serve", "--data", str(data), "--config", str(config), "--no-access-log"],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        start_new_session=True,
-    )
-    try:
+    with serve_process(work, "workers = 2", admin=_free_port_pair()) as process:
 
         def ready(port: int) -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"twofold serve exited ({process.returncode}):\n{log.read_text()}")
+            if not process.alive():
+                raise AssertionError(f"twofold serve exited ({process.process.returncode}):\n{process.log()}")
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
 
-        wait_until(lambda: ready(admin) and ready(admin + 1), 60, 0.2)
+        wait_until(lambda: ready(process.admin) and ready(process.admin + 1), 60, 0.2)
         key = keys.generate_private_key("ec")
         cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
         (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
         (work / "mtls.key").write_bytes(keys.private_key_bytes(key))
-        fingerprint = asyncio.run(seed_balance_client(data / "twofold.db", certs.certificate_pem(cert)))
-        yield Served(data, gateway, admin, work / "mtls.crt", work / "mtls.key", fingerprint)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        fingerprint = asyncio.run(seed_balance_client(process.data / "twofold.db", certs.certificate_pem(cert)))
+        yield Served(
+            process.data, process.cat, process.admin, work / "mtls.crt", work / "mtls.key", fingerprint
+        )
 
 
 def _all_accept(served: Served) -> bool:

@@ -15,6 +15,7 @@ class TwofoldError(Exception):
 
     code: ClassVar[str] = "error"
     status: ClassVar[int] = 400
+    retry_after: int | None = None  # seconds: servers send it as Retry-After (with a 503 or 429)
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message)

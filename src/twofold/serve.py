@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import multiprocessing
@@ -12,19 +13,26 @@ import os
 import signal
 import sys
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from cryptography import x509
 
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
-from twofold.gateway.listeners import Listener, raise_descriptor_limit
+from twofold.gateway.listeners import Listener
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
+from twofold.lifecycle import ExpiryNotifier, NoticeSigner
+from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
+from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, new_password
@@ -48,15 +56,79 @@ class ServeConfig:
     max_body: int = 1024 * 1024
     upstream_timeout: float = 30.0
     access_log: bool = True
-    header_timeout: float = 10.0  # gateway: a request's head must arrive within this
-    body_timeout: float = 30.0  # gateway: and its body within this after the head
-    keepalive_timeout: float = 75.0  # gateway: idle keep-alive connections are closed after this
-    max_connections: int = 10000  # gateway: per listener (the descriptor limit caps them too)
     ports: dict[str, int] = field(default_factory=dict)  # environment → port, overrides the registry
+    # Every listener (portal, gateways): see twofold.listener.ConnectionLimits.
+    header_timeout: float = ConnectionLimits.header_timeout
+    body_timeout: float = ConnectionLimits.body_timeout
+    idle_timeout: float = ConnectionLimits.idle_timeout
+    max_connections: int = ConnectionLimits.max_connections  # per listener
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
+        if not isinstance(self.max_connections, int):
+            raise UsageError(f"max_connections must be a whole number, not {self.max_connections!r}")
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The connection limits as configured (``fitted`` to the open-files limit at start)."""
+        return ConnectionLimits(
+            header_timeout=float(self.header_timeout),
+            body_timeout=float(self.body_timeout),
+            idle_timeout=float(self.idle_timeout),
+            max_connections=self.max_connections,
+        )
+
+    portal_url: str | None = (
+        None  # how people reach the portal (links in mail); default https://localhost:PORT
+    )
+    smtp: str | None = None  # "host:port"; none: mail is written to <data>/outbox/
+    smtp_security: str = "starttls"  # starttls | ssl | none (loopback only)
+    smtp_username: str | None = None
+    smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
+    smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
+    mail_from: str = DEFAULT_SENDER
+    # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
+    # (and "passphrase_file" for an encrypted key).
+    issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
+    local_issuing_ca: bool = True  # create one for Production on first start if it trusts no CA
+    notice_interval: float = 300.0  # seconds between looks for due expiry notices
 
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def public_url(self) -> str:
+        return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    def mail_settings(self) -> MailSettings:
+        """Checked now, so that a setting that cannot work stops `serve` at start."""
+        return MailSettings(
+            smtp=self.smtp,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=read_password(self.smtp_password_file) if self.smtp_username else None,
+            sender=self.mail_from,
+            cafile=self.smtp_cafile,
+        ).check()
+
+    def issuing_files(self) -> dict[str, IssuingFiles]:
+        files = {}
+        allowed = {"key", "cert", "passphrase_file"}
+        for env_id, entry in self.issuing_ca.items():
+            if not isinstance(entry, dict) or not {"key", "cert"} <= set(entry) or set(entry) - allowed:
+                raise UsageError(
+                    f'[issuing_ca.{env_id}] needs key = "…" and cert = "…" (and optionally '
+                    'passphrase_file = "…")'
+                )
+            passphrase = entry.get("passphrase_file")
+            files[env_id] = IssuingFiles(
+                Path(entry["key"]), Path(entry["cert"]), Path(passphrase) if passphrase else None
+            )
+        return files
 
     @classmethod
     def load(cls, path: str | None, **overrides: Any) -> ServeConfig:
@@ -88,7 +160,7 @@ class Credentials:
     ca: LocalCA
     ca_path: Path
     server_key: keys.PrivateKey
-    server_cert: Any
+    server_cert: x509.Certificate
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -112,18 +184,45 @@ def local_tls(data: Path, announce: Callable[[str], None]) -> Credentials:
         _write_secret(ca_key_path, keys.private_key_bytes(ca.key))
         ca_path.write_bytes(certs.certificate_pem(ca.certificate))
         announce(f"created a local CA: {ca_path} (clients use it with --cacert)")
+    server_cert = None
     if key_path.exists() and cert_path.exists():
         server_key = keys.load_private_key(key_path.read_bytes(), name=str(key_path))
         server_cert = certs.load_certificate(cert_path.read_bytes(), name=str(cert_path))
-    else:
+        why = _renew_because(server_cert)
+        if why:
+            announce(f"renewing the server certificate {cert_path}: {why}")
+            server_cert = None
+    if server_cert is None:
         issued = ca.issue(
-            "localhost", usage="server", sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"], days=825
+            "localhost",
+            usage="server",
+            sans=["DNS:localhost", "IP:127.0.0.1", "IP:::1"],
+            days=SERVER_CERT_DAYS,
         )
         server_key, server_cert = issued.key, issued.certificate
         _write_secret(key_path, keys.private_key_bytes(server_key))
         cert_path.write_bytes(certs.certificate_pem(server_cert))
         announce(f"created the server certificate for localhost: {cert_path}")
     return Credentials(ca, ca_path, server_key, server_cert)
+
+
+# TLS server certificates live at most 398 days for browsers and 366 in Mozilla's guidelines
+# (sslyze --mozilla_config checks it); the one serve makes lives a year and is renewed at start
+# when it has less than a month left (or is one of the 825-day certificates of older versions).
+SERVER_CERT_DAYS = 365
+MAX_SERVER_CERT_DAYS = 366
+RENEW_DAYS = 30
+
+
+def _renew_because(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    now = now or dt.datetime.now(dt.UTC)
+    lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
+    if lifespan > dt.timedelta(days=MAX_SERVER_CERT_DAYS):
+        return f"it lives {lifespan.days} days, more than {MAX_SERVER_CERT_DAYS}"
+    left = certs.days_left(cert.not_valid_after_utc, now)
+    if left < RENEW_DAYS:
+        return f"it expires in {left} days" if left > 0 else "it has expired"
+    return None
 
 
 async def bootstrap(registry: Registry, announce: Callable[[str], None]) -> None:
@@ -162,7 +261,7 @@ def _settle_heap() -> None:
 
 
 def _install_uvloop() -> None:
-    raise_descriptor_limit()  # soft limit of open files up to the hard one
+    raise_nofile_limit()  # soft limit of open files up to the hard one
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -181,6 +280,10 @@ def _configure_logging(access_log: bool) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp warns (to stderr) about a malformed Content-Disposition in a client's multipart
+    # body, quoting it: the client's mistake, answered with a 400, and its bytes stay out of the log.
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionHeader)
+    warnings.filterwarnings("ignore", category=aiohttp.BadContentDispositionParam)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -231,7 +334,7 @@ class _GatewayProcess:
                 access_log=config.access_log,
                 header_timeout=config.header_timeout,
                 body_timeout=config.body_timeout,
-                keepalive_timeout=config.keepalive_timeout,
+                keepalive_timeout=config.idle_timeout,
                 max_connections=config.max_connections,
             ),
         )
@@ -269,27 +372,64 @@ async def run(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop``)."""
+    nofile = raise_nofile_limit()
+    mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    issuing = config.issuing_files()  # so does an issuing CA setting
     if not config.data.exists():
         config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
     tls = local_tls(config.data, announce)
+    issuers = IssuingCAs(config.data, issuing)
+    mailer = make_mailer(mail, config.data)
+    if not mail.smtp:
+        announce(
+            f'no SMTP server configured: mail is written to {config.data / "outbox"}/ (smtp = "host:port" sends it)'
+        )
     registry = await Registry.open(config.db_url)
     try:
         await bootstrap(registry, announce)
+        await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
+        signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
+        # The expiry metric is served with the gateway's on the admin listener, not computed on
+        # the request path: the notifier keeps its facts fresh.
+        gateways.gateway.metrics.registry.register(notifier.collector())
+        lifecycle_stop = asyncio.Event()
+        lifecycle = asyncio.create_task(notifier.run(lifecycle_stop, interval=config.notice_interval))
         gateway_urls = tuple(
             (e["id"], f"https://localhost:{config.ports.get(e['id'], e['gateway_port'])}")
             for e in envs
             if config.ports.get(e["id"], e["gateway_port"])
         )
         portal = web.AppRunner(
-            init_app(registry, PortalConfig(gateway_urls=gateway_urls)), access_log=None, handle_signals=False
+            init_app(
+                registry,
+                PortalConfig(
+                    gateway_urls=gateway_urls,
+                    public_url=config.public_url,
+                    mailer=mailer,
+                    issuers=issuers,
+                    notice_jwks=signer.jwks(),
+                ),
+            ),
+            access_log=None,
+            handle_signals=False,
         )
         await portal.setup()
-        portal_site = web.TCPSite(
+        limits = config.limits.fitted(listeners=1 + len(gateways.listeners), nofile=nofile)
+        if limits.max_connections < config.max_connections:
+            log.warning(
+                "at most %d connections per listener (not %d): the open-files limit is %d",
+                limits.max_connections,
+                config.max_connections,
+                nofile,
+            )
+        portal_site = GuardedSite(
             portal,
             config.host,
             config.portal_port,
+            limits=limits,
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
         await portal_site.start()
@@ -302,6 +442,8 @@ async def run(
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
+            "open_files": nofile,
+            "max_connections": limits.max_connections,
         }
         _settle_heap()
         if ready:
@@ -309,6 +451,8 @@ async def run(
         await (stop.wait() if stop else _wait_for_signal())
         for process in workers:
             process.terminate()
+        lifecycle_stop.set()
+        await lifecycle
         await gateways.stop()
         await portal.cleanup()
         for process in workers:
@@ -331,6 +475,7 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
     _install_uvloop()
     _configure_logging(config.access_log)
+    raise_nofile_limit()
 
     async def main() -> None:
         tls = local_tls(config.data, lambda _m: None)

@@ -37,6 +37,37 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
+# Mozilla "intermediate" key exchange groups; OpenSSL would also offer P-521, X448 and more.
+INTERMEDIATE_GROUPS = b"X25519:P-256:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list() is this SSL_CTX_ctrl() (OpenSSL 1.1.1+)
+
+
+def restrict_groups(context: ssl.SSLContext) -> None:
+    """Offer only :data:`INTERMEDIATE_GROUPS` for the key exchange.
+
+    Python's ``ssl`` (3.11) has no way to set several groups: ``set_ecdh_curve`` leaves just
+    one, so every TLS 1.3 client that leads with X25519 would need a HelloRetryRequest (an
+    extra round trip per handshake). So OpenSSL's own call is made on the context's
+    ``SSL_CTX`` — on CPython it is the first field after the object header. Where that
+    cannot be done (another Python, another TLS library), P-256 alone, which is compliant too."""
+    try:
+        import _ssl
+        import ctypes
+        import sys
+
+        if sys.implementation.name != "cpython" or not ssl.OPENSSL_VERSION.startswith("OpenSSL 3"):
+            raise OSError("not CPython on OpenSSL 3")
+        library = ctypes.CDLL(_ssl.__file__)
+        ctrl = library.SSL_CTX_ctrl
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+        ctrl.restype = ctypes.c_long
+        ssl_ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+        if not ssl_ctx or ctrl(ssl_ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, INTERMEDIATE_GROUPS) != 1:
+            raise OSError("SSL_CTX_set1_groups_list failed")
+    except (OSError, AttributeError, ImportError):
+        context.set_ecdh_curve("prime256v1")
+
+
 @contextlib.contextmanager
 def _private_file(data: bytes) -> Iterator[str]:
     memfd = getattr(os, "memfd_create", None)
@@ -94,6 +125,7 @@ def server_context(
         ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
     )
     context.num_tickets = 0
+    restrict_groups(context)
     load_into_context(context, key, certificate, chain)
     if require_client_cert:
         context.verify_mode = ssl.CERT_REQUIRED

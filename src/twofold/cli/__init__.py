@@ -9,8 +9,10 @@ from twofold.cli._common import Group
 from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
+from twofold.cli.doctor import doctor
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
+from twofold.cli.rotate import rotate
 from twofold.cli.serve import demo, serve_command
 
 
@@ -25,6 +27,7 @@ Client toolkit:
   key      private keys          csr   certificate signing requests
   cert     certificates          jws   sign / verify compact JWS
   call     curl for mTLS + JWS APIs
+  doctor   why does a call fail? every check, with what to do
 
 \b
 Provider side:
@@ -32,6 +35,7 @@ Provider side:
   demo     walk the whole flow against a running serve
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
   portal   register certificates through the portal API (CI pipelines)
+  rotate   replace credentials with zero downtime (new key, register, probe, switch, remove old)
 
 \b
 Exit codes: 0 ok, 1 refused or failed, 2 usage, 3 TLS/connection failure, 4 HTTP >= 400.
@@ -53,7 +57,9 @@ main.add_command(csr)
 main.add_command(cert)
 main.add_command(jws_group, "jws")
 main.add_command(call)
+main.add_command(doctor)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
 main.add_command(portal)
+main.add_command(rotate)

@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from twofold.crypto.keys import Passphrase
 from twofold.errors import ClientError, TwofoldError, UsageError
@@ -46,7 +47,7 @@ def exit_code_for(error: TwofoldError) -> int:
 def fail(error: TwofoldError, exit_code: int | None = None) -> NoReturn:
     if exit_code is None:
         exit_code = exit_code_for(error)
-    err.print(f"[bold red]error[/][dim]\\[{error.code}][/]: {error.message}", markup=True)
+    err.print(f"[bold red]error[/][dim]\\[{error.code}][/]: {escape(error.message)}", markup=True)
     sys.exit(exit_code)
 
 

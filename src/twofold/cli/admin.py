@@ -9,7 +9,20 @@ from typing import Any, TypeVar
 
 import click
 
-from twofold.cli._common import EXIT_FAILURE, err, examples, out, print_json, read_file, read_passphrase_file
+from twofold.cli._common import (
+    EXIT_FAILURE,
+    err,
+    examples,
+    out,
+    passphrase_options,
+    passphrase_source,
+    print_json,
+    read_file,
+    read_passphrase_file,
+)
+from twofold.crypto import certs
+from twofold.errors import UsageError
+from twofold.issuing import IssuingCAs, load_for_install
 from twofold.registry.auth import ROLES, SYSTEM, new_password
 from twofold.registry.service import SIGNATURE_POLICIES, Registry
 
@@ -79,6 +92,29 @@ def org() -> None:
 def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | None) -> None:
     row = with_registry(data, db, lambda r: r.add_org(SYSTEM, slug, name))
     print_json(row) if as_json else err.print(f"created organisation {row['slug']} ({row['name']})")
+
+
+@org.command(
+    "webhook",
+    help="Where the organisation's certificate expiry notices are also POSTed, as a JWS signed by the "
+    "portal's notice key (its JWKS: <portal>/.well-known/jwks.json). --off stops them."
+    + examples(
+        "twofold admin org webhook acme https://ops.acme.example/twofold/notices",
+        "twofold admin org webhook acme --off",
+    ),
+)
+@click.argument("slug")
+@click.argument("url", required=False)
+@click.option("--off", is_flag=True, help="Send no webhook notices to this organisation.")
+@db_options
+def org_webhook(slug: str, url: str | None, off: bool, data: str, db: str | None) -> None:
+    if bool(url) == off:
+        raise UsageError("give the webhook URL, or --off")
+    row = with_registry(data, db, lambda r: r.set_notice_webhook(SYSTEM, slug, None if off else url))
+    if row["notice_webhook"]:
+        err.print(f"expiry notices of {row['organisation']} are also POSTed to {row['notice_webhook']}")
+    else:
+        err.print(f"no webhook notices for {row['organisation']}")
 
 
 @org.command("list", help="List organisations.")
@@ -293,9 +329,12 @@ def env() -> None:
 
 @env.command(
     "set",
-    help="Create or update an environment."  # noqa: S608 - help text, not SQL
+    help="Create or update an environment. --issuing-ca-key/--issuing-ca-cert install the CA that "  # noqa: S608 - help text, not SQL
+    "issues certificates from CSRs: its key is copied (0600) into the data directory of the portal "
+    "that issues — run this where `twofold serve` runs, or name the files in its settings instead."
     + examples(
         "twofold admin env set prod --ca bank-issuing-ca.pem",
+        "twofold admin env set prod --issuing-ca-key prod-ca.key --issuing-ca-cert prod-ca.crt --max-validity-days 397",
         "twofold admin env set uat --name 'User Acceptance' --self-signed --port 10443",
     ),
 )
@@ -309,6 +348,15 @@ def env() -> None:
 )
 @click.option("--ca", "ca_file", help="PEM file of the CA(s) that issue client certificates.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Gateway port of this environment.")
+@click.option(
+    "--issuing-ca-key", help="Private key of the CA that issues from CSRs (with --issuing-ca-cert)."
+)
+@click.option("--issuing-ca-cert", help="Certificate of that CA (PEM or DER).")
+@click.option("--no-issuing-ca", is_flag=True, help="Stop issuing certificates in this environment.")
+@click.option(
+    "--max-validity-days", type=click.IntRange(1, 825), help="Longest validity issued (default 730)."
+)
+@passphrase_options("issuing-ca-", "the issuing CA's key")
 @db_options
 def env_set(
     env_id: str,
@@ -316,18 +364,52 @@ def env_set(
     allow_self_signed: bool | None,
     ca_file: str | None,
     port: int | None,
+    issuing_ca_key: str | None,
+    issuing_ca_cert: str | None,
+    no_issuing_ca: bool,
+    max_validity_days: int | None,
+    issuing_ca_passphrase_file: str | None,
+    issuing_ca_passphrase_env: str | None,
     data: str,
     db: str | None,
 ) -> None:
     ca_pem = read_file(ca_file, "the CA file").decode("ascii", "replace") if ca_file else None
+    if bool(issuing_ca_key) != bool(issuing_ca_cert):
+        raise UsageError("give both --issuing-ca-key and --issuing-ca-cert")
+    if issuing_ca_key and no_issuing_ca:
+        raise UsageError("--no-issuing-ca and --issuing-ca-key contradict each other")
+    issuing_pem: str | None = "" if no_issuing_ca else None
+    installed = None
+    if issuing_ca_key and issuing_ca_cert:
+        issuer = load_for_install(
+            issuing_ca_key,
+            issuing_ca_cert,
+            passphrase_source(issuing_ca_passphrase_file, issuing_ca_passphrase_env, issuing_ca_key),
+        )
+        installed = IssuingCAs(Path(data)).install(env_id, issuer)
+        issuing_pem = certs.certificate_pem(issuer.certificate).decode()
     row = with_registry(
         data,
         db,
         lambda r: r.save_environment(
-            SYSTEM, env_id, name=name, allow_self_signed=allow_self_signed, ca_pem=ca_pem, gateway_port=port
+            SYSTEM,
+            env_id,
+            name=name,
+            allow_self_signed=allow_self_signed,
+            ca_pem=ca_pem,
+            gateway_port=port,
+            issuing_ca_pem=issuing_pem,
+            max_validity_days=max_validity_days,
         ),
     )
     err.print(f"saved environment {row['id']} ({row['name']})")
+    if installed is not None:
+        err.print(
+            f"  issuing CA {row['issuing_ca']}: key {installed.key} (0600), certificate {installed.cert}; "
+            f"CSRs submitted for {row['id']} are issued for up to {row['max_validity_days']} days"
+        )
+    elif no_issuing_ca:
+        err.print(f"  {row['id']} no longer issues certificates from CSRs")
 
 
 @env.command("list", help="List environments.")
@@ -340,7 +422,10 @@ def env_list(as_json: bool, data: str, db: str | None) -> None:
         return
     for row in rows:
         self_signed = "self-signed ok" if row["allow_self_signed"] else "CA-issued only"
-        out.print(f"{row['id']:<8} {row['name']:<20} port {row['gateway_port'] or '-':<6} {self_signed}")
+        issuing = f"  issues from CSRs ({row['issuing_ca']})" if row["issues_certificates"] else ""
+        out.print(
+            f"{row['id']:<8} {row['name']:<20} port {row['gateway_port'] or '-':<6} {self_signed}{issuing}"
+        )
 
 
 # --- audit -----------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 import httpx
 
-from twofold.cli._common import err, examples, out, print_json, read_file
+from twofold.cli._common import err, examples, out, print_json, read_file, write_file
 from twofold.client import explain_tls_failure
-from twofold.errors import TwofoldError
+from twofold.errors import TwofoldError, UsageError
 
 
 def portal_options(fn: Any) -> Any:
@@ -69,6 +70,7 @@ def api_call(portal_url: str, token: str, cacert: str | None, method: str, path:
     + examples(
         "export TWOFOLD_PORTAL=https://localhost:8000 TWOFOLD_TOKEN=tf_… TWOFOLD_CACERT=data/ca/ca.crt",
         "twofold portal cert add --env cat --use mtls acme-cat/mtls.crt",
+        "twofold portal cert request --env prod --use mtls prod/mtls.csr --out prod/mtls.crt",
         "twofold portal cert list --env cat",
     )
 )
@@ -114,6 +116,68 @@ def cert_add(
         f"registered {row['use_label']} certificate {row['common_name']} in {env_id}: {row['fingerprint']} "
         f"(expires {row['not_after'][:10]})"
     )
+
+
+@cert.command(
+    "request",
+    help="Submit a CSR (PEM or DER) to an environment that issues certificates: its CA issues the "
+    "certificate, the portal registers it, and it is written to --out (the CA's chain to --chain)."
+    + examples(
+        "twofold csr new --key prod/mtls.key --subject '/O=Acme/CN=acme-prod' --out prod/mtls.csr",
+        "twofold portal cert request --env prod --use mtls prod/mtls.csr --out prod/mtls.crt --chain prod/ca.pem",
+        "openssl verify -CAfile prod/ca.pem prod/mtls.crt",
+    ),
+)
+@click.argument("csr_file")
+@click.option("--env", "env_id", required=True, help="Environment id, e.g. prod.")
+@click.option("--use", type=click.Choice(["mtls", "signature"]), required=True)
+@click.option(
+    "--out", "out_path", required=True, help="Where to write the issued certificate (PEM; '-' stdout)."
+)
+@click.option("--chain", "chain_path", help="Where to write the issuing CA's certificate (PEM).")
+@click.option("--days", type=click.IntRange(1, 3650), help="Validity (default: the environment's maximum).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--json", "as_json", is_flag=True)
+@portal_options
+def cert_request(
+    csr_file: str,
+    env_id: str,
+    use: str,
+    out_path: str,
+    chain_path: str | None,
+    days: int | None,
+    force: bool,
+    as_json: bool,
+    portal_url: str,
+    token: str,
+    cacert: str | None,
+) -> None:
+    data = read_file(csr_file, "the CSR file")
+    for path in (out_path, chain_path):  # refuse before anything is issued
+        if path and path != "-" and Path(path).exists() and not force:
+            raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    fields = {"environment": env_id, "use": use, **({"days": str(days)} if days else {})}
+    row = api_call(
+        portal_url,
+        token,
+        cacert,
+        "POST",
+        "/api/v1/certificates/requests",
+        files={"file": (csr_file, data)},
+        data=fields,
+    )
+    write_file(out_path, row["certificate_pem"].encode(), force=True)
+    if chain_path:
+        write_file(chain_path, row["chain_pem"].encode(), force=True)
+    if as_json:
+        print_json({k: v for k, v in row.items() if not k.endswith("_pem")})
+        return
+    err.print(
+        f"issued and registered {row['use_label']} certificate {row['common_name']} in {env_id}: serial "
+        f"{row['serial']}, {row['fingerprint']} (expires {row['not_after'][:10]})"
+    )
+    if out_path != "-":
+        err.print(f"  certificate  {out_path}" + (f"\n  CA chain     {chain_path}" if chain_path else ""))
 
 
 @cert.command("list", help="List registered certificates.")

@@ -97,17 +97,19 @@ def sniff_der(data: bytes) -> str:
     try:
         x509.load_der_x509_certificate(data)
         return "certificate"
+    except x509.InvalidVersion:
+        return "certificate"  # of a version that does not exist: the loader says so
     except ValueError:
         pass
     try:
         x509.load_der_x509_csr(data)
         return "csr"
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         pass
     try:
         load_der_public_key(data)
         return "public key"
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         pass
     try:
         load_der_private_key(data, password=None)

@@ -7,11 +7,12 @@ import datetime as dt
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -277,9 +278,54 @@ def load_certificate(data: bytes, *, name: str = "the certificate file") -> x509
 
 def _load_der(der: bytes, name: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        cert = x509.load_der_x509_certificate(der)
+    except x509.InvalidVersion:
+        raise _unreadable(name, "version (only X.509 v1 and v3 exist)") from None
+    except ValueError as exc:  # not a certificate at all (the registry says not_a_certificate)
         raise CertificateError(f"{name}: the certificate cannot be parsed ({exc})") from None
+    _read_every_part(cert, name)
+    return cert
+
+
+def _unreadable(name: str, part: str) -> CertificateError:
+    return CertificateError(
+        f"{name}: the certificate's {part} cannot be read — the file is damaged or not valid X.509 DER; "
+        "export the certificate again, or ask its issuer for a new one",
+        code="certificate_unreadable",
+    )
+
+
+def _read_every_part(cert: x509.Certificate, name: str) -> None:
+    """``cryptography`` parses a certificate's parts when first asked for them: ask for each
+    now, so that a damaged part is refused here with a message instead of failing later, deep
+    in whatever code happens to read it first."""
+    try:
+        cert.public_key()
+    except UnsupportedAlgorithm:
+        raise CertificateError(
+            f"{name}: the certificate's key algorithm ({_key_algorithm(cert)}) is not supported; "
+            "use RSA (2048 bits or more) or EC P-256",
+            code="key_unsupported",
+        ) from None
+    except ValueError:
+        raise _unreadable(name, "public key") from None
+    parts: list[tuple[str, Callable[[], object]]] = [
+        ("subject name", lambda: cert.subject.rfc4514_string()),
+        ("issuer name", lambda: cert.issuer.rfc4514_string()),
+        ("extensions", lambda: [ext.value for ext in cert.extensions]),
+    ]
+    for part, read in parts:
+        try:
+            read()
+        except (ValueError, TypeError, x509.DuplicateExtension):
+            raise _unreadable(name, part) from None
+
+
+def _key_algorithm(cert: x509.Certificate) -> str:
+    try:
+        return cert.public_key_algorithm_oid.dotted_string
+    except Exception:  # the OID itself is damaged
+        return "unknown"
 
 
 def _not_a_certificate(data: bytes, name: str) -> CertificateError:

@@ -35,6 +35,23 @@ def _error(status: int, code: str, message: str) -> Answer:
     return status, {"error": {"code": code, "message": message}}
 
 
+def _refused(error: TwofoldError) -> Answer:
+    """A registry refusal as the sandbox's answer. One that passes with time (the registry
+    database unreachable: 503 ``registry_unavailable``) says when to try again, in
+    ``error.retry_after`` — :func:`retry_after_header` makes it the Retry-After header."""
+    status, body = _error(error.status, error.code, error.message)
+    if error.retry_after:
+        body["error"]["retry_after"] = error.retry_after
+    return status, body
+
+
+def retry_after_header(data: Any) -> list[tuple[str, str]]:
+    """``[("Retry-After", seconds)]`` for a sandbox answer that says when to try again."""
+    error = data.get("error") if isinstance(data, dict) else None
+    seconds = error.get("retry_after") if isinstance(error, dict) else None
+    return [("Retry-After", str(seconds))] if isinstance(seconds, int) else []
+
+
 def _payload(request: Forwarded) -> Any:
     try:
         return json.loads(request.body) if request.body else None
@@ -92,7 +109,7 @@ async def payments(registry: Registry, request: Forwarded, suffix: str) -> Answe
         try:
             stored = await registry.sandbox_create_payment(request.org_id, request.environment, e2e, payload)
         except TwofoldError as error:
-            return _error(error.status, error.code, error.message)
+            return _refused(error)
         return 202, {
             "paymentInitiationResponse": {
                 "endToEndId": stored["endToEndId"],
@@ -110,7 +127,7 @@ async def payments(registry: Registry, request: Forwarded, suffix: str) -> Answe
         try:
             stored = await registry.sandbox_payment(request.org_id, request.environment, e2e)
         except TwofoldError as error:
-            return _error(error.status, error.code, error.message)
+            return _refused(error)
         return 200, {
             "paymentStatus": {
                 "endToEndId": stored["endToEndId"],

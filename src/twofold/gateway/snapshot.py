@@ -15,8 +15,8 @@ from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from twofold.crypto import certs as _certs
 from twofold.crypto import jws
+from twofold.registry.catalogue import environment_cas
 from twofold.registry.models import (
     ApiProduct,
     Certificate,
@@ -131,7 +131,7 @@ async def _load(session: AsyncSession) -> Snapshot:
     ).scalar() or 0
     environments: dict[str, EnvView] = {}
     for env in (await session.execute(select(Environment))).scalars():
-        cas = tuple(_certs.load_certificates(env.ca_pem.encode())) if env.ca_pem else ()
+        cas = tuple(environment_cas(env))
         environments[env.id] = EnvView(env.id, env.name, env.allow_self_signed, env.gateway_port, cas)
     orgs = {o.id: o.slug for o in (await session.execute(select(Organisation))).scalars()}
     mtls: dict[str, dict[str, ClientCert]] = {e: {} for e in environments}

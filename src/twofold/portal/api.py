@@ -9,30 +9,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from twofold import __version__
-from twofold.portal.web import REGISTRY, require_operator, require_principal
+from twofold.portal.openapi import STR as _STR
+from twofold.portal.openapi import Route, openapi_document
+from twofold.portal.web import (
+    CONFIG,
+    REGISTRY,
+    check_json_text,
+    issuer_for,
+    read_form,
+    require_operator,
+    require_principal,
+)
 from twofold.registry.rules import RegistryError
 from twofold.registry.service import Registry
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    who: str = "any user"  # shown in the OpenAPI description
-    body: dict[str, Any] | None = None  # JSON schema of the request body
-    query: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _registry(request: web.Request) -> Registry:
@@ -44,10 +37,15 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # not JSON, not UTF-8 (UnicodeDecodeError), unknown charset
         raise RegistryError("the request body is not valid JSON", code="bad_json") from None
+    except RecursionError:
+        raise RegistryError(
+            "the request body is nested too deeply; a request is a flat JSON object", code="bad_json"
+        ) from None
     if not isinstance(body, dict):
         raise RegistryError("the request body must be a JSON object", code="bad_json")
+    check_json_text(body)
     return body
 
 
@@ -74,7 +72,9 @@ async def me(request: web.Request) -> web.Response:
 
 async def environments(request: web.Request) -> web.Response:
     require_principal(request)
-    return web.json_response(await _registry(request).list_environments())
+    gateways = dict(request.app[CONFIG].gateway_urls)
+    rows = await _registry(request).list_environments()
+    return web.json_response([{**row, "gateway_url": gateways.get(row["id"])} for row in rows])
 
 
 async def save_environment(request: web.Request) -> web.Response:
@@ -170,23 +170,59 @@ async def add_certificate(request: web.Request) -> web.Response:
     """JSON ``{"environment", "use", "certificate"}`` (PEM text, or base64 DER in
     ``certificate_der``), or multipart with fields environment, use and file."""
     who = require_principal(request)
-    if request.content_type.startswith("multipart/"):
-        form = await request.post()
-        upload = form.get("file")
-        data = upload.file.read() if isinstance(upload, web.FileField) else str(upload or "").encode()
-        env, use = str(form.get("environment", "")), str(form.get("use", ""))
-    else:
-        body = await _json_body(request)
-        env, use = _field(body, "environment"), _field(body, "use")
-        if "certificate_der" in body:
-            try:
-                data = base64.b64decode(_field(body, "certificate_der"), validate=True)
-            except (binascii.Error, ValueError):
-                raise RegistryError("certificate_der is not base64", code="field_invalid") from None
-        else:
-            data = _field(body, "certificate").encode()
+    fields, data = await _upload(request, "certificate")
+    env, use = _field(fields, "environment"), _field(fields, "use")
     row = await _registry(request).add_certificate(who, env, use, data)
     return web.json_response(row, status=201)
+
+
+async def _upload(request: web.Request, field: str) -> tuple[dict[str, Any], bytes]:
+    """The other fields and the file of an upload: multipart (a ``file`` part), or JSON with
+    ``field`` as PEM text or ``field + "_der"`` as base64 DER."""
+    if request.content_type.startswith("multipart/"):
+        form = await read_form(request)
+        upload = form.get("file")
+        data = upload.file.read() if isinstance(upload, web.FileField) else str(upload or "").encode()
+        return {k: str(v) for k, v in form.items() if k != "file"}, data
+    body = await _json_body(request)
+    if f"{field}_der" in body:
+        try:
+            return body, base64.b64decode(_field(body, f"{field}_der"), validate=True)
+        except (binascii.Error, ValueError):
+            raise RegistryError(f"{field}_der is not base64", code="field_invalid") from None
+    return body, _field(body, field).encode()
+
+
+def _days(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise RegistryError("days must be a whole number of days", code="field_invalid")
+
+
+async def request_certificate(request: web.Request) -> web.Response:
+    """A CSR for the environment's issuing CA: JSON ``{"environment", "use", "csr", "days"?}``
+    (PEM text, or base64 DER in ``csr_der``), or multipart with fields environment, use, days
+    and file. Answers the registered certificate with ``certificate_pem`` and ``chain_pem``."""
+    who = require_principal(request)
+    fields, data = await _upload(request, "csr")
+    env, use = str(fields.get("environment", "")), str(fields.get("use", ""))
+    if not env or not use:
+        raise RegistryError(
+            "give the environment and the certificate use (mtls or signature)", code="field_missing"
+        )
+    row = await _registry(request).issue_certificate(
+        who, env, use, data, issuer=await issuer_for(request, env), days=_days(fields.get("days"))
+    )
+    return web.json_response(row, status=201)
+
+
+async def certificate_pem(request: web.Request) -> web.Response:
+    who = require_principal(request)
+    return web.json_response(await _registry(request).certificate_pem(who, request.match_info["fingerprint"]))
 
 
 async def remove_certificate(request: web.Request) -> web.Response:
@@ -278,12 +314,22 @@ async def audit_verify(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(openapi_document(), indent=2), content_type="application/json")
+    return web.Response(text=json.dumps(openapi_document(ROUTES), indent=2), content_type="application/json")
 
 
 # --- the route table (also the OpenAPI document) -------------------------------------------
 
-_STR = {"type": "string"}
+_CSR_BODY = {
+    "type": "object",
+    "required": ["environment", "use"],
+    "properties": {
+        "environment": {"type": "string", "example": "prod"},
+        "use": {"type": "string", "enum": ["mtls", "signature"]},
+        "csr": {"type": "string", "description": "PEM text of a PKCS#10 certificate signing request"},
+        "csr_der": {"type": "string", "description": "base64 of a DER CSR"},
+        "days": {"type": "integer", "description": "validity (default: the environment's maximum)"},
+    },
+}
 _CERT_BODY = {
     "type": "object",
     "required": ["environment", "use"],
@@ -400,6 +446,24 @@ ROUTES: list[Route] = [
         "API Security role",
         _CERT_BODY,
         tags=("certificates",),
+        multipart=True,
+    ),
+    Route(
+        "POST",
+        "/api/v1/certificates/requests",
+        request_certificate,
+        "Submit a CSR: the environment's issuing CA issues the certificate, which is registered",
+        "API Security role",
+        _CSR_BODY,
+        tags=("certificates",),
+        multipart=True,
+    ),
+    Route(
+        "GET",
+        "/api/v1/certificates/{fingerprint}/pem",
+        certificate_pem,
+        "A certificate as PEM, with its chain when the environment's issuing CA issued it",
+        tags=("certificates",),
     ),
     Route(
         "GET",
@@ -493,84 +557,6 @@ ROUTES: list[Route] = [
         tags=("audit",),
     ),
 ]
-
-
-def openapi_document() -> dict[str, Any]:
-    error = {
-        "description": "refused",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    paths: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": _STR}
-            for name in _path_params(route.path)
-        ]
-        params += [{"name": name, "in": "query", "required": False, "schema": _STR} for name in route.query]
-        op: dict[str, Any] = {
-            "summary": route.summary,
-            "description": f"Allowed for: {route.who}.",
-            "operationId": f"{route.method.lower()}_{route.handler.__name__}",
-            "tags": list(route.tags),
-            "parameters": params,
-            "security": [{"token": []}],
-            "responses": {
-                "200" if route.method != "POST" else "201": {
-                    "description": "ok",
-                    "content": {"application/json": {}},
-                },
-                "400": error,
-                "401": error,
-                "403": error,
-                "404": error,
-                "409": error,
-            },
-        }
-        if route.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.body}}}
-            if route.handler is add_certificate:
-                op["requestBody"]["content"]["multipart/form-data"] = {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "environment": _STR,
-                            "use": _STR,
-                            "file": {"type": "string", "format": "binary"},
-                        },
-                    }
-                }
-        paths.setdefault(route.path, {})[route.method.lower()] = op
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "twofold portal API",
-            "version": __version__,
-            "description": "Register mTLS and Digital Signature certificates, projects and API products.",
-        },
-        "paths": paths,
-        "components": {
-            "securitySchemes": {
-                "token": {"type": "http", "scheme": "bearer", "description": "a personal API token (tf_…)"}
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {"code": _STR, "message": _STR},
-                        }
-                    },
-                }
-            },
-        },
-    }
-
-
-def _path_params(path: str) -> list[str]:
-    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
 def add_routes(app: web.Application) -> None:

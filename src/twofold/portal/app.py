@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
-from twofold.portal import api, pages
+from twofold.portal import api, csr, notices, pages
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -21,6 +21,7 @@ from twofold.portal.web import (
     Handler,
     LoginLimiter,
     PortalConfig,
+    check_text,
     error_status,
     is_api,
     json_error,
@@ -37,6 +38,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "file_too_large",
     415: "unsupported_media_type",
 }
@@ -55,6 +57,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             413: f"the request body is larger than {MAX_BODY // 1024} KB; a certificate is a few KB",
             404: "no such page or endpoint",
             405: "method not allowed here",
+            408: "the request body did not arrive in time; send the whole body at once",
         }.get(exc.status, exc.reason)
         if is_api(request):
             return json_error(exc.status, code, message)
@@ -76,20 +79,29 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=500, text="Something went wrong on our side; it has been logged.")
 
 
+def _printable_ascii(value: str) -> bool:
+    """Tokens and session ids are URL-safe ASCII; header bytes beyond ASCII reach Python as
+    lone surrogates (aiohttp decodes with surrogateescape), which nothing can hash or store."""
+    return value.isascii() and value.isprintable()
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """API: bearer tokens only (no cookies, so no CSRF). Pages: the session cookie."""
     registry = request.app[REGISTRY]
+    for name, value in (*request.query.items(), *request.match_info.items()):
+        check_text(value, f"the URL parameter {name[:40]!r}")
     if is_api(request):
         header = request.headers.get("Authorization", "")
         if header:
             scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token or not _printable_ascii(token):
                 return json_error(401, "token_invalid", "send the token as 'Authorization: Bearer <token>'")
-            request[PRINCIPAL] = await registry.token_principal(token.strip())
+            request[PRINCIPAL] = await registry.token_principal(token)
     else:
         cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie:
+        if cookie and _printable_ascii(cookie):
             found = await registry.session_principal(cookie)
             if found is not None:
                 request[PRINCIPAL], request[CSRF] = found
@@ -105,5 +117,7 @@ def init_app(registry: Registry, config: PortalConfig | None = None) -> web.Appl
     env.globals["static"] = lambda name: f"/static/{name}"
     api.add_routes(app)
     app.router.add_routes(pages.routes)
+    app.router.add_routes(csr.routes)
+    app.router.add_routes(notices.routes)
     app.router.add_static("/static", HERE / "static", append_version=True)
     return app

@@ -11,6 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
+from twofold.portal import notices
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -21,6 +22,8 @@ from twofold.portal.web import (
     client_address,
     error_status,
     principal,
+    read_form,
+    with_retry_after,
 )
 from twofold.registry.auth import ROLE_LABELS, Principal
 from twofold.registry.rules import Forbidden, RegistryError
@@ -47,7 +50,7 @@ def _signed_in(request: web.Request, *, allow_one_time: bool = False) -> Princip
 
 async def _form(request: web.Request) -> dict[str, Any]:
     """The posted form, after checking its CSRF token against the session's."""
-    form = await request.post()
+    form = await read_form(request)
     sent = str(form.get("csrf_token", ""))
     expected = request.get(CSRF, "")
     if not expected or not hmac.compare_digest(sent, expected):
@@ -91,11 +94,12 @@ async def render(
         "flash": _unquote(flash) if flash else None,
         "error": error,
         "path": request.path,
+        "expiring": await notices.expiring(request),  # the expiry banner (_expiry_banner.html)
     }
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     if flash:
         response.del_cookie(FLASH_COOKIE, path="/")
-    return response
+    return with_retry_after(response, error)
 
 
 def _unquote(value: str) -> str:
@@ -132,7 +136,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     # came from; scripts and CLIs send no Sec-Fetch-Site and are not affected.
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         raise Forbidden("sign in from the portal's own sign-in page", code="cross_site_login")
-    form = await request.post()
+    form = await read_form(request)
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))
     next_url = _safe_next(str(form.get("next", "")))
@@ -150,6 +154,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         who = await _registry(request).authenticate(email, password)
     except TwofoldError as error:
+        if error.status >= 500:  # the registry could not decide: not a failed sign-in
+            limiter.cancel(address, email)
+            return await render(request, "login.html", context, status=error.status, error=error)
         return await render(request, "login.html", context, status=401, error=error)
     limiter.succeeded(address, email)
     cookie, _csrf = await _registry(request).create_session(who)
@@ -193,7 +200,9 @@ async def _security(
     status: int = 200,
     error: TwofoldError | None = None,
     use: str = "mtls",
+    **extra: Any,
 ) -> web.Response:
+    """The Security page; ``extra`` goes to the template (e.g. which form an error is about)."""
     who = _signed_in(request)
     registry = _registry(request)
     envs = await registry.list_environments()
@@ -217,10 +226,18 @@ async def _security(
             "can_manage": who.manages_certificates,
             "use": use,
             "gateway": gateway,
+            "issued": await _issued(request, rows),
+            **extra,
         },
         status=status,
         error=error,
     )
+
+
+async def _issued(request: web.Request, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The certificate just issued from a CSR (``?issued=<fingerprint>``), to offer its download."""
+    wanted = request.query.get("issued", "").lower()
+    return next((row for row in rows if wanted and row["fingerprint"] == wanted), None)
 
 
 @routes.get("/security")
@@ -457,7 +474,7 @@ async def admin_users(request: web.Request) -> web.Response:
 @routes.post("/admin/users")
 async def admin_add_user(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     roles = [str(r) for r in form.getall("roles", [])]
     try:
@@ -512,7 +529,7 @@ async def admin_products(request: web.Request) -> web.Response:
 @routes.post("/admin/products")
 async def admin_save_product(request: web.Request) -> web.StreamResponse:
     who = _operator(request)
-    form = await request.post()
+    form = await read_form(request)
     await _form(request)
     try:
         product = await _registry(request).save_product(

@@ -9,12 +9,18 @@ import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDictProxy
 
+from twofold.crypto.ca import LocalCA
 from twofold.errors import TwofoldError
+from twofold.issuing import IssuingCAs
+from twofold.mail import Mailer
 from twofold.registry.auth import Principal
-from twofold.registry.rules import Forbidden, Unauthorized
+from twofold.registry.rules import Forbidden, RegistryError, Unauthorized
 from twofold.registry.service import Registry
 
 log = logging.getLogger("twofold.portal")
@@ -29,6 +35,10 @@ class PortalConfig:
     secure_cookies: bool = True
     title: str = "twofold developer portal"
     gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
+    public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
+    mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
+    issuers: IssuingCAs | None = None  # the environments' issuing CAs (None: the portal issues nothing)
+    notice_jwks: dict[str, Any] | None = None  # verifies the portal's signed expiry notices
 
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -58,6 +68,18 @@ def require_operator(request: web.Request) -> Principal:
     return who
 
 
+async def issuer_for(request: web.Request, env_id: str) -> LocalCA | None:
+    """The CA that issues for ``env_id`` as the registry names it, if this portal holds its key."""
+    issuers = request.app[CONFIG].issuers
+    if issuers is None:
+        return None
+    try:
+        expected = await request.app[REGISTRY].issuing_ca_pem(env_id)
+    except TwofoldError:
+        return None  # the registry says "no such environment" when asked to issue
+    return issuers.get(env_id, expected)
+
+
 def json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
@@ -66,20 +88,37 @@ def is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
 
 
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    # The portal is HTTPS only: browsers must never try it over plain HTTP (two years, as
+    # Mozilla's guidelines say; browsers ignore the header on a plain-HTTP response).
+    "Strict-Transport-Security": "max-age=63072000",
+}
+
+
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    response.headers.setdefault(
-        "Content-Security-Policy",
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    )
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
+    """On every answer — redirects too, which aiohttp raises as exceptions."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _secure(request, exc)
+        raise
+    _secure(request, response)
+    return response
+
+
+def _secure(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
     if not request.path.startswith("/static/"):  # static files are versioned (append_version)
         response.headers.setdefault("Cache-Control", "no-store")
-    return response
 
 
 class LoginLimiter:
@@ -116,6 +155,13 @@ class LoginLimiter:
             self._evict(now)
         return 0
 
+    def cancel(self, address: str, email: str) -> None:
+        """The attempt could not be decided (the registry was unavailable): it does not count."""
+        for key in ((address, email.lower()), (address, "*")):
+            times = self._attempts.get(key)
+            if times:
+                times.pop()
+
     def succeeded(self, address: str, email: str) -> None:
         """A correct password: its attempts no longer count."""
         self._attempts.pop((address, email.lower()), None)
@@ -138,12 +184,83 @@ def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+class BadInput(RegistryError):
+    code = "bad_request"
+
+
+def check_text(value: str, what: str) -> str:
+    """Text the registry can store on every backend: no NUL (PostgreSQL refuses it in text) and
+    no unpaired UTF-16 surrogate (JSON can spell one, "\\ud800", but it is not text)."""
+    if "\x00" in value:
+        raise BadInput(f"{what} contains a NUL character; send plain text", code="text_invalid")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(
+            f"{what} contains an unpaired UTF-16 surrogate (such as \\ud800), which is not text; "
+            "send valid Unicode",
+            code="text_invalid",
+        ) from None
+    return value
+
+
+def check_json_text(body: Any) -> None:
+    """Every string of a parsed JSON body, keys included, is storable text (see check_text).
+    Iterative: a body nested as deeply as the parser allows must not exhaust the stack here."""
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            check_text(item, "the JSON body")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """The posted form (urlencoded or multipart), or a 400 saying how to send one: a multipart
+    body without its boundary, bytes that are not UTF-8 or an unknown charset are the client's
+    mistake, not the server's. Text fields must be storable text (see check_text)."""
+    try:
+        form = await request.post()
+    except web.HTTPException:
+        raise
+    except (ValueError, LookupError, HttpProcessingError) as exc:  # UnicodeDecodeError: a ValueError
+        raise BadInput(
+            "the form could not be read (" + _form_problem(exc) + "); send it as "
+            "application/x-www-form-urlencoded or multipart/form-data with its boundary, in UTF-8",
+            code="bad_form",
+        ) from None
+    for name, value in form.items():
+        check_text(name, "a form field name")
+        if isinstance(value, str):
+            check_text(value, f"the form field {name[:40]!r}")
+    return form
+
+
+def _form_problem(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not UTF-8"
+    if isinstance(exc, LookupError):
+        return "its charset is unknown"
+    return "it is not a well-formed form"
+
+
 def error_status(error: TwofoldError) -> int:
     return error.status if 400 <= error.status < 600 else 400
 
 
 def render_error_json(error: TwofoldError) -> web.Response:
-    return json_error(error_status(error), error.code, error.message)
+    return with_retry_after(json_error(error_status(error), error.code, error.message), error)
+
+
+def with_retry_after(response: web.Response, error: TwofoldError | None) -> web.Response:
+    """A refusal that will pass later (registry unavailable or busy) says when to try again."""
+    if error is not None and error.retry_after:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def log_unexpected(request: web.Request, exc: BaseException) -> None:

@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from twofold.registry import audit
 from twofold.registry.auth import (
     Principal,
 )
-from twofold.registry.db import create_engine, in_transaction, is_sqlite, sessionmaker
+from twofold.registry.db import Sessions, create_engine, in_transaction, is_sqlite, sessionmaker
 from twofold.registry.models import (
     Organisation,
     RegistryVersion,
@@ -47,7 +47,7 @@ class RegistryBase:
     def __init__(self, engine: AsyncEngine, url: str) -> None:
         self.engine = engine
         self.url = url
-        self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(engine)
+        self.sessions: Sessions = sessionmaker(engine)
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, readonly: bool = False) -> Self:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,9 +28,24 @@ SIGNATURE_POLICIES = ("required", "optional", "none")
 DEFAULT_CONTENT_TYPES = ["application/json", "application/jose", "text/xml"]
 
 DEFAULT_ENVIRONMENTS = [
-    {"id": "cat", "name": "Client Testing", "allow_self_signed": True, "gateway_port": 8443, "position": 1},
-    {"id": "prod", "name": "Production", "allow_self_signed": False, "gateway_port": 9443, "position": 2},
+    {
+        "id": "cat",
+        "name": "Client Testing",
+        "allow_self_signed": True,
+        "gateway_port": 8443,
+        "position": 1,
+        "max_validity_days": 365,
+    },
+    {
+        "id": "prod",
+        "name": "Production",
+        "allow_self_signed": False,
+        "gateway_port": 9443,
+        "position": 2,
+        "max_validity_days": 730,
+    },
 ]
+MAX_VALIDITY_DAYS = 825  # what an operator may allow at most (the CA/B Forum's old ceiling)
 
 
 def product_view(row: ApiProduct) -> dict[str, Any]:
@@ -51,7 +67,27 @@ def env_view(row: Environment) -> dict[str, Any]:
         "allow_self_signed": row.allow_self_signed,
         "gateway_port": row.gateway_port,
         "has_ca": bool(row.ca_pem),
+        "issues_certificates": bool(row.issuing_ca_pem),
+        "issuing_ca": _ca_subject(row.issuing_ca_pem),
+        "max_validity_days": row.max_validity_days,
     }
+
+
+def _ca_subject(pem: str | None) -> str | None:
+    if not pem:
+        return None
+    return _certs.load_certificate(pem.encode()).subject.rfc4514_string()
+
+
+def environment_cas(env: Environment) -> list[x509.Certificate]:
+    """The CAs whose certificates an environment accepts: those the operator configured and
+    the environment's own issuing CA."""
+    cas = _certs.load_certificates(env.ca_pem.encode()) if env.ca_pem else []
+    if env.issuing_ca_pem:
+        issuing = _certs.load_certificate(env.issuing_ca_pem.encode())
+        if all(c != issuing for c in cas):
+            cas.append(issuing)
+    return cas
 
 
 class CatalogueMixin(RegistryBase):
@@ -96,6 +132,14 @@ class CatalogueMixin(RegistryBase):
                 raise NotFound(f"no environment {env_id!r}", code="environment_not_found")
             return env_view(env)
 
+    async def issuing_ca_pem(self, env_id: str) -> str | None:
+        """The certificate (PEM) of the CA that issues for ``env_id``, if it issues."""
+        async with self.sessions() as session:
+            env = await session.get(Environment, env_id)
+            if env is None:
+                raise NotFound(f"no environment {env_id!r}", code="environment_not_found")
+            return env.issuing_ca_pem
+
     async def save_environment(
         self,
         actor: Principal,
@@ -105,9 +149,29 @@ class CatalogueMixin(RegistryBase):
         allow_self_signed: bool | None = None,
         ca_pem: str | None = None,
         gateway_port: int | None = None,
+        issuing_ca_pem: str | None = None,
+        max_validity_days: int | None = None,
     ) -> dict[str, Any]:
+        """Create or update an environment. ``issuing_ca_pem`` names the CA that issues from
+        CSRs (its key stays with the portal, see :mod:`twofold.issuing`); "" turns it off."""
         self._need_operator(actor)
         env_id = _slug(env_id, "the environment id")
+        if max_validity_days is not None and not 1 <= max_validity_days <= MAX_VALIDITY_DAYS:
+            raise RegistryError(
+                f"the maximum validity must be between 1 and {MAX_VALIDITY_DAYS} days",
+                code="validity_invalid",
+            )
+        if issuing_ca_pem:
+            try:
+                issuing_ca_pem = _certs.certificate_pem(
+                    _certs.load_certificate(issuing_ca_pem.encode(), name="the issuing CA certificate")
+                ).decode()
+            except RegistryError:
+                raise
+            except Exception as exc:
+                raise RegistryError(
+                    f"the issuing CA certificate cannot be read: {exc}", code="ca_invalid"
+                ) from None
         if ca_pem:
             try:
                 cas = _certs.load_certificates(ca_pem.encode(), name="the CA file")
@@ -139,6 +203,12 @@ class CatalogueMixin(RegistryBase):
                 env.ca_pem = ca_pem or None
             if gateway_port is not None:
                 env.gateway_port = gateway_port
+            if issuing_ca_pem is not None:
+                env.issuing_ca_pem = issuing_ca_pem or None
+            if max_validity_days is not None:
+                env.max_validity_days = max_validity_days
+            elif created:
+                env.max_validity_days = 365 if env.allow_self_signed else 730
             await session.flush()
             await audit.append(
                 session,
@@ -150,6 +220,8 @@ class CatalogueMixin(RegistryBase):
                     "name": env.name,
                     "allow_self_signed": env.allow_self_signed,
                     "has_ca": bool(env.ca_pem),
+                    "issuing_ca": _ca_subject(env.issuing_ca_pem),
+                    "max_validity_days": env.max_validity_days,
                 },
             )
             await self._bump(session)

@@ -14,6 +14,7 @@ from twofold.registry.auth import (
     Principal,
 )
 from twofold.registry.base import RegistryBase
+from twofold.registry.catalogue import environment_cas
 from twofold.registry.models import (
     Certificate,
     CnOwner,
@@ -26,6 +27,7 @@ from twofold.registry.rules import (
     Conflict,
     Forbidden,
     NotFound,
+    UploadFacts,
     inspect_upload,
 )
 
@@ -76,7 +78,7 @@ class CertificatesMixin(RegistryBase):
             env = await session.get(Environment, env_id)
             if env is None:
                 raise NotFound(f"no environment {env_id!r}", code="environment_not_found")
-            cas = _certs.load_certificates(env.ca_pem.encode()) if env.ca_pem else []
+            cas = environment_cas(env)
         facts = inspect_upload(
             data,
             use=use,
@@ -84,111 +86,130 @@ class CertificatesMixin(RegistryBase):
             trusted_cas=cas,
             environment_name=f"{env.name} ({env.id})",
         )
-        org_id = actor.org_id
-        assert org_id is not None
 
         async def work(session: AsyncSession) -> dict[str, Any]:
-            active = Certificate.status == "active"
-            # One statement, so one snapshot: a concurrent upload of the same certificate that
-            # commits in between cannot make the answer "public key reused".
-            same = or_(
-                Certificate.fingerprint == facts.fingerprint, Certificate.spki_sha256 == facts.spki_sha256
-            )
-            clashes = set(
-                (await session.execute(select(Certificate.fingerprint).where(active, same))).scalars()
-            )
-            if facts.fingerprint in clashes:
-                raise Conflict("this certificate is already registered", code="certificate_duplicate")
-            if clashes:
-                raise Conflict(
-                    "a certificate with the same public key is already registered; every certificate "
-                    "needs its own key pair",
-                    code="public_key_reused",
-                )
-            if use == "mtls":
-                # Locked (PostgreSQL) so that a concurrent removal of the CN's last certificate
-                # cannot release the name between this check and this transaction's insert.
-                owner = await session.get(CnOwner, (env_id, facts.cn_key), with_for_update=True)
-                if owner is not None and owner.org_id != org_id:
-                    raise Conflict(
-                        f"the Common Name {facts.common_name!r} belongs to another organisation in "
-                        f"{env.name}; use a Common Name of your own",
-                        code="cn_taken",
-                    )
-                if owner is None:
-                    session.add(CnOwner(environment_id=env_id, cn_key=facts.cn_key, org_id=org_id))
-                    await session.flush()
-                taken_q = select(Certificate.slot).where(
-                    active,
-                    Certificate.use == "mtls",
-                    Certificate.environment_id == env_id,
-                    Certificate.cn_key == facts.cn_key,
-                )
-                full = (
-                    f"at most two mTLS certificates may share the Common Name {facts.common_name!r} in "
-                    f"{env.name}; remove one before adding another"
-                )
-                code = "mtls_cn_limit"
-            else:
-                taken_q = select(Certificate.slot).where(
-                    active,
-                    Certificate.use == "signature",
-                    Certificate.environment_id == env_id,
-                    Certificate.org_id == org_id,
-                )
-                full = (
-                    f"at most two Digital Signature certificates are allowed per organisation in {env.name}; "
-                    "remove one before adding another"
-                )
-                code = "signature_limit"
-            taken = set((await session.execute(taken_q)).scalars())
-            free = [slot for slot in (1, 2) if slot not in taken]
-            if not free:
-                raise Conflict(full, code=code)
-            row = Certificate(
-                org_id=org_id,
-                environment_id=env_id,
-                use=use,
-                slot=free[0],
-                der=facts.der,
-                fingerprint=facts.fingerprint,
-                spki_sha256=facts.spki_sha256,
-                x5t_s256=facts.x5t_s256,
-                sha1_thumbprint=facts.sha1_thumbprint,
-                subject=facts.subject,
-                common_name=facts.common_name,
-                cn_key=facts.cn_key,
-                issuer=facts.issuer,
-                serial=facts.serial,
-                not_before=facts.not_before,
-                not_after=facts.not_after,
-                key_type=facts.key_type,
-                key_size=facts.key_size,
-                self_signed=facts.self_signed,
-                status="active",
-                added_by=actor.name,
-                added_at=utcnow(),
-            )
-            session.add(row)
-            await session.flush()  # a lost race on a slot or fingerprint raises here → retried
-            await audit.append(
-                session,
-                actor=actor.name,
-                action="certificate.add",
-                object_type="certificate",
-                object_id=facts.fingerprint,
-                org_id=org_id,
-                details={
-                    "environment": env_id,
-                    "use": use,
-                    "common_name": facts.common_name,
-                    "not_after": facts.not_after.isoformat(),
-                },
-            )
-            await self._bump(session)
-            return cert_view(row, env.name, actor.org_slug)
+            return await self._register(session, actor, env, use, facts, "certificate.add")
 
         return await self._tx(work)
+
+    async def _register(
+        self,
+        session: AsyncSession,
+        actor: Principal,
+        env: Environment,
+        use: str,
+        facts: UploadFacts,
+        action: str,
+        **details: Any,
+    ) -> dict[str, Any]:
+        """Insert under the rules, audit as ``action`` (with ``details``), tell the gateways."""
+        row = await self._insert_certificate(session, actor, env, use, facts)
+        await audit.append(
+            session,
+            actor=actor.name,
+            action=action,
+            object_type="certificate",
+            object_id=facts.fingerprint,
+            org_id=actor.org_id,
+            details={
+                "environment": env.id,
+                "use": use,
+                "common_name": facts.common_name,
+                "not_after": facts.not_after.isoformat(),
+                **details,
+            },
+        )
+        await self._bump(session)
+        return cert_view(row, env.name, actor.org_slug)
+
+    async def _insert_certificate(
+        self, session: AsyncSession, actor: Principal, env: Environment, use: str, facts: UploadFacts
+    ) -> Certificate:
+        """Insert an accepted certificate under the counting rules (a CN belongs to one
+        organisation, two mTLS per CN, two signature per organisation), in ``session``."""
+        org_id = actor.org_id
+        assert org_id is not None
+        env_id = env.id
+        active = Certificate.status == "active"
+        # One statement, so one snapshot: a concurrent upload of the same certificate that
+        # commits in between cannot make the answer "public key reused".
+        same = or_(Certificate.fingerprint == facts.fingerprint, Certificate.spki_sha256 == facts.spki_sha256)
+        clashes = set((await session.execute(select(Certificate.fingerprint).where(active, same))).scalars())
+        if facts.fingerprint in clashes:
+            raise Conflict("this certificate is already registered", code="certificate_duplicate")
+        if clashes:
+            raise Conflict(
+                "a certificate with the same public key is already registered; every certificate "
+                "needs its own key pair",
+                code="public_key_reused",
+            )
+        if use == "mtls":
+            # Locked (PostgreSQL) so that a concurrent removal of the CN's last certificate
+            # cannot release the name between this check and this transaction's insert.
+            owner = await session.get(CnOwner, (env_id, facts.cn_key), with_for_update=True)
+            if owner is not None and owner.org_id != org_id:
+                raise Conflict(
+                    f"the Common Name {facts.common_name!r} belongs to another organisation in "
+                    f"{env.name}; use a Common Name of your own",
+                    code="cn_taken",
+                )
+            if owner is None:
+                session.add(CnOwner(environment_id=env_id, cn_key=facts.cn_key, org_id=org_id))
+                await session.flush()
+            taken_q = select(Certificate.slot).where(
+                active,
+                Certificate.use == "mtls",
+                Certificate.environment_id == env_id,
+                Certificate.cn_key == facts.cn_key,
+            )
+            full = (
+                f"at most two mTLS certificates may share the Common Name {facts.common_name!r} in "
+                f"{env.name}; remove one before adding another"
+            )
+            code = "mtls_cn_limit"
+        else:
+            taken_q = select(Certificate.slot).where(
+                active,
+                Certificate.use == "signature",
+                Certificate.environment_id == env_id,
+                Certificate.org_id == org_id,
+            )
+            full = (
+                f"at most two Digital Signature certificates are allowed per organisation in {env.name}; "
+                "remove one before adding another"
+            )
+            code = "signature_limit"
+        taken = set((await session.execute(taken_q)).scalars())
+        free = [slot for slot in (1, 2) if slot not in taken]
+        if not free:
+            raise Conflict(full, code=code)
+        row = Certificate(
+            org_id=org_id,
+            environment_id=env_id,
+            use=use,
+            slot=free[0],
+            der=facts.der,
+            fingerprint=facts.fingerprint,
+            spki_sha256=facts.spki_sha256,
+            x5t_s256=facts.x5t_s256,
+            sha1_thumbprint=facts.sha1_thumbprint,
+            subject=facts.subject,
+            common_name=facts.common_name,
+            cn_key=facts.cn_key,
+            issuer=facts.issuer,
+            serial=facts.serial,
+            not_before=facts.not_before,
+            not_after=facts.not_after,
+            key_type=facts.key_type,
+            key_size=facts.key_size,
+            self_signed=facts.self_signed,
+            status="active",
+            added_by=actor.name,
+            added_at=utcnow(),
+        )
+        session.add(row)
+        await session.flush()  # a lost race on a slot or fingerprint raises here → retried
+        return row
 
     async def list_certificates(
         self,
@@ -243,7 +264,9 @@ class CertificatesMixin(RegistryBase):
             )
             if not actor.is_operator:
                 query = query.where(Certificate.org_id == actor.org_id)
-            row = (await session.execute(query)).scalar()
+            # Locked (PostgreSQL; SQLite transactions are serial): a concurrent removal of the
+            # same row waits here, then finds it no longer active — one removal, one audit entry.
+            row = (await session.execute(query.with_for_update())).scalar()
             if row is None:
                 raise NotFound(
                     f"no active certificate {fingerprint[:16]}… in environment {env_id}",

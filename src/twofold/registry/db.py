@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from twofold.errors import TwofoldError
@@ -72,11 +74,77 @@ def create_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> AsyncEn
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, **kwargs)
+    # A database that does not answer is refused after 5 s (asyncpg waits 60 by default).
+    connect_args = {"timeout": 5, **kwargs.pop("connect_args", {})}
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, connect_args=connect_args, **kwargs
+    )
 
 
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+class RegistryUnavailable(TwofoldError):
+    """The database cannot be reached (down, restarting, unreachable, out of connections)."""
+
+    code = "registry_unavailable"
+    status = 503
+    retry_after = 5
+
+
+# SQLSTATE classes that mean "the database is not there for us right now": connection
+# exception, insufficient resources (too many connections), operator intervention (shutdown,
+# terminated backend, starting up), invalid authorization (credentials changed under us).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "28")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors that say the database cannot be reached, as opposed to a bug or a
+    refused statement: those stay errors (and are logged as such)."""
+    if isinstance(exc, (OSError, PoolTimeout, InterfaceError, OperationalError)):
+        return True  # OSError: refused, reset, timed out; OperationalError: SQLite cannot open/read
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig or exc
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+        return True
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError))
+
+
+def _unavailable(exc: BaseException) -> RegistryUnavailable:
+    log.warning("the registry database cannot be reached (%s)", type(exc).__name__)
+    return RegistryUnavailable(
+        f"the registry database cannot be reached at the moment; nothing was changed — try again "
+        f"in {RegistryUnavailable.retry_after} seconds",
+    )
+
+
+class Sessions:
+    """``async_sessionmaker`` whose sessions turn "the database cannot be reached" — wherever it
+    shows: connecting, a statement, commit — into :class:`RegistryUnavailable` (a 503 with
+    ``Retry-After`` for every caller), instead of a driver error that reads as a bug."""
+
+    def __init__(self, maker: async_sessionmaker[AsyncSession]) -> None:
+        self.maker = maker
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self.maker() as session:
+                yield session
+        except TwofoldError:
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise _unavailable(exc) from exc
+            raise
+
+
+def sessionmaker(engine: AsyncEngine) -> Sessions:
+    return Sessions(async_sessionmaker(engine, expire_on_commit=False))
 
 
 def alembic_config(url: str) -> Config:
@@ -122,7 +190,7 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 async def in_transaction(
-    maker: async_sessionmaker[AsyncSession],
+    maker: Sessions,
     work: Callable[[AsyncSession], Awaitable[T]],
     *,
     attempts: int = 8,
@@ -144,6 +212,8 @@ async def in_transaction(
                 last = exc
                 log.debug("transaction retry %d after %s", attempt + 1, type(exc).__name__)
         await asyncio.sleep(0.005 * (attempt + 1))
-    raise TwofoldError(
+    busy = TwofoldError(
         "the registry is busy with concurrent changes; try again", code="registry_busy", status=503
-    ) from last
+    )
+    busy.retry_after = 1
+    raise busy from last

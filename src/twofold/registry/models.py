@@ -70,6 +70,8 @@ class Organisation(Base):
     slug: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Where expiry notices are POSTed as a signed JWS (set by operators), besides the mail.
+    notice_webhook: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class User(Base):
@@ -115,6 +117,10 @@ class Environment(Base):
     ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)  # CAs that may issue certificates
     gateway_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
+    # The CA whose key lets the portal issue certificates from CSRs (its key never is here).
+    issuing_ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The longest validity the portal issues for (the bank's rules: two years at most).
+    max_validity_days: Mapped[int] = mapped_column(Integer, default=730, server_default=text("730"))
 
 
 class ApiProduct(Base):
@@ -211,6 +217,29 @@ class CnOwner(Base):
     environment_id: Mapped[str] = mapped_column(ForeignKey("environments.id"), primary_key=True)
     cn_key: Mapped[str] = mapped_column(String(200), primary_key=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+
+
+class ExpiryNotice(Base):
+    """One expiry notice (a threshold of a certificate, on one channel): the row is the claim.
+
+    Whoever inserts it (or takes over a claim whose lease ran out) sends the notice; the
+    unique key is what makes a notice go out once, whatever the number of processes."""
+
+    __tablename__ = "expiry_notices"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"), index=True)
+    threshold_days: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(16))  # mail | webhook
+    status: Mapped[str] = mapped_column(String(16))  # claimed | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    claimed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    detail: Mapped[str | None] = mapped_column(String(300), nullable=True)  # where it went, or why not
+    __table_args__ = (
+        UniqueConstraint("certificate_id", "threshold_days", "channel", name="uq_expiry_notice"),
+        CheckConstraint("channel IN ('mail', 'webhook')", name="ck_notice_channel"),
+        CheckConstraint("status IN ('claimed', 'sent', 'failed')", name="ck_notice_status"),
+    )
 
 
 class AuditEntry(Base):

@@ -112,7 +112,9 @@ def inspect_upload(
         )
     try:
         listed = certs.load_certificates(data, name="the file")
-    except TwofoldError:
+    except TwofoldError as error:
+        if error.code in ("certificate_unreadable", "key_unsupported"):
+            raise RegistryError(error.message, code=error.code) from None
         raise RegistryError(
             f"the file is {_pem.describe(data)}, not a certificate; upload a PEM or DER X.509 certificate",
             code="not_a_certificate",
@@ -181,6 +183,12 @@ def inspect_upload(
                 f"names up to {MAX_NAME:,}: reissue it with a shorter {what}",
                 code="name_too_long",
             )
+    if cert.serial_number <= 0:
+        raise RegistryError(
+            "the certificate's serial number is zero or negative, which X.509 (RFC 5280) forbids: "
+            "ask the issuer for a conforming certificate",
+            code="serial_invalid",
+        )
     serial = format(cert.serial_number, "X")
     if len(serial) > MAX_SERIAL_HEX:
         raise RegistryError(

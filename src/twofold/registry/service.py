@@ -6,7 +6,8 @@ organisation; API Security users manage certificates; Developers manage projects
 operators manage organisations, users, environments and products.
 
 One class, :class:`Registry`, composed of one mixin per aggregate (each in its own module):
-sessions and tokens, accounts, the catalogue, projects, certificates, the sandbox's payments;
+sessions and tokens, accounts, the catalogue, projects, certificates (and their issuance from
+CSRs), expiry notices, the sandbox's payments;
 their foundation (engine, transactions, audit) is :mod:`twofold.registry.base`.
 """
 
@@ -22,13 +23,15 @@ from twofold.registry.catalogue import (
     env_view,
     product_view,
 )
-from twofold.registry.certificates import CertificatesMixin, cert_view
+from twofold.registry.certificates import cert_view
+from twofold.registry.issuance import IssuanceMixin
+from twofold.registry.notices import NoticesMixin
 from twofold.registry.payments import PaymentsMixin
 from twofold.registry.projects import ProjectsMixin
 from twofold.registry.rules import USES
 
 
-class Registry(AccountsMixin, CatalogueMixin, ProjectsMixin, CertificatesMixin, PaymentsMixin):
+class Registry(AccountsMixin, CatalogueMixin, ProjectsMixin, IssuanceMixin, NoticesMixin, PaymentsMixin):
     """Open with :meth:`open` (runs migrations), close with :meth:`close`."""
 
 

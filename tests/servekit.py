@@ -1,0 +1,254 @@
+"""`twofold serve` as an operator runs it: the real command in its own process (its own
+logging, limits and signals), on free ports, with a TOML settings file; its stderr and
+stdout go to files that tests read (the real log output).
+
+:func:`serving` adds what the suites that drive it from outside need (rotation under load,
+doctor): operator steps straight on the registry database, organisation users with API
+tokens through the portal API and the `twofold` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from gatewaykit import free_port, wait_until
+from twofold.registry.auth import SYSTEM
+from twofold.registry.service import Registry
+
+T = TypeVar("T")
+TWOFOLD = str(Path(sys.executable).with_name("twofold"))
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    work: Path
+    portal: int
+    admin: int
+    cat: int
+    prod: int
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def ca(self) -> Path:
+        return self.data / "ca" / "ca.crt"
+
+    @property
+    def stderr(self) -> Path:
+        return self.work / "serve.stderr"
+
+    @property
+    def stdout(self) -> Path:
+        return self.work / "serve.stdout"
+
+    def log(self) -> str:
+        """Everything serve has written so far, stderr and stdout."""
+        return self.stderr.read_text(errors="replace") + self.stdout.read_text(errors="replace")
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def tls(self, port: int | None = None, timeout: float = 10) -> ssl.SSLSocket:
+        """A TLS connection to the portal (or ``port``), verified against serve's local CA."""
+        raw = socket.create_connection(("127.0.0.1", port or self.portal), timeout=timeout)
+        return self.client_context().wrap_socket(raw, server_hostname="localhost")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def _portal_up(served: ServeProcess) -> bool:
+    if not served.alive():
+        raise AssertionError(f"twofold serve exited ({served.process.returncode}):\n{served.log()[-3000:]}")
+    if not served.ca.exists():
+        return False
+    try:
+        with httpx.Client(verify=served.client_context(), timeout=2) as client:
+            return client.get(f"https://localhost:{served.portal}/login").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def serve_process(
+    work: Path,
+    settings: str = "",
+    *,
+    args: tuple[str, ...] = ("--no-access-log",),
+    preexec_fn: Callable[[], None] | None = None,
+    admin: int | None = None,
+) -> Iterator[ServeProcess]:
+    """`twofold serve --config` in a new process group, stopped with SIGTERM afterwards."""
+    work.mkdir(parents=True, exist_ok=True)
+    served_ports = {
+        "portal": free_port(),
+        "admin": admin or free_port(),
+        "cat": free_port(),
+        "prod": free_port(),
+    }
+    config = work / "twofold.toml"
+    config.write_text(
+        f"portal_port = {served_ports['portal']}\nadmin_port = {served_ports['admin']}\n{settings}\n"
+        f"[ports]\ncat = {served_ports['cat']}\nprod = {served_ports['prod']}\n"
+    )
+    with (work / "serve.stderr").open("wb") as stderr, (work / "serve.stdout").open("wb") as stdout:
+        process = subprocess.Popen(
+            [TWOFOLD, "serve", "--data", str(work / "data"), "--config", str(config), *args],
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    served = ServeProcess(process, work, **served_ports)
+    try:
+        wait_until(lambda: _portal_up(served), 60, 0.2)
+        yield served
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+# --- driving a running serve from outside ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    org: str
+    email: str
+    token: str
+    project_id: int
+
+
+@dataclass
+class Served:
+    proc: ServeProcess
+
+    @property
+    def data(self) -> Path:
+        return self.proc.data
+
+    @property
+    def ca(self) -> Path:
+        return self.proc.ca
+
+    @property
+    def admin_port(self) -> int:
+        return self.proc.admin
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"cat": self.proc.cat, "prod": self.proc.prod}
+
+    @property
+    def portal(self) -> str:
+        return f"https://localhost:{self.proc.portal}"
+
+    def gateway(self, env: str = "cat") -> str:
+        return f"https://localhost:{self.ports[env]}"
+
+    def registry(self, work: Callable[[Registry], Awaitable[T]]) -> T:
+        async def run() -> T:
+            registry = await Registry.open(str(self.data / "twofold.db"), migrate=False)
+            try:
+                return await work(registry)
+            finally:
+                await registry.close()
+
+        return asyncio.run(run())
+
+    def api(self, token: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.portal,
+            verify=self.proc.client_context(),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+
+    def member(self, slug: str, products: dict[str, list[str]]) -> Member:
+        """An organisation with an API Security + Developer user, a token, and a project with
+        ``products`` per environment."""
+        email = f"security@{slug}.example"
+
+        async def seed(registry: Registry) -> str:
+            await registry.add_org(SYSTEM, slug, f"{slug.title()} Ltd")
+            await registry.add_user(
+                SYSTEM, email, org=slug, roles=["api_security", "developer"], password=None
+            )
+            return await registry.create_token(SYSTEM, "tests", for_email=email)
+
+        token = self.registry(seed)
+        with self.api(token) as api:
+            project = api.post("/api/v1/projects", json={"name": f"{slug} treasury"})
+            assert project.status_code == 201, project.text
+            project_id = int(project.json()["id"])
+            for env, names in products.items():
+                for name in names:
+                    added = api.put(f"/api/v1/projects/{project_id}/products/{env}/{name}")
+                    assert added.status_code == 200, added.text
+        return Member(slug, email, token, project_id)
+
+    def cli(
+        self, member: Member | None, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TWOFOLD_PORTAL": self.portal, "TWOFOLD_CACERT": str(self.ca)}
+        env.pop("TWOFOLD_TOKEN", None)
+        if member is not None:
+            env["TWOFOLD_TOKEN"] = member.token
+        return subprocess.run([TWOFOLD, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+    def credentials(self, member: Member, directory: Path, cn: str, env: str = "cat") -> None:
+        """`twofold init` (RSA keys, self-signed) into ``directory``; both certificates registered
+        by the CLI, and the gateway told."""
+        done = self.cli(None, "init", "--cn", cn, "--out", str(directory))
+        assert done.returncode == 0, done.stderr
+        for use, name in (("mtls", "mtls"), ("signature", "sign")):
+            done = self.cli(
+                member, "portal", "cert", "add", "--env", env, "--use", use, str(directory / f"{name}.crt")
+            )
+            assert done.returncode == 0, done.stderr
+        self.sync()
+
+    def seen_version(self) -> int:
+        return int(
+            httpx.get(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=5).json()["registry_version"]
+        )
+
+    def sync(self, deadline: float = 5.0) -> None:
+        """Until the gateway's snapshot has every registry change made so far."""
+        want = self.registry(lambda r: r.version())
+        wait_until(lambda: self.seen_version() >= want, deadline)
+
+
+@contextlib.contextmanager
+def serving(work: Path) -> Iterator[Served]:
+    """:func:`serve_process` (access log off), ready once its gateway's /readyz says so."""
+    with serve_process(work) as proc:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{proc.admin}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, 30, 0.1)
+        yield Served(proc)
