@@ -29,12 +29,14 @@ from twofold.errors import UsageError
 from twofold.gateway.listeners import Listener
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.gateway.signing import ResponseSigner
 from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
 from twofold.lifecycle import ExpiryNotifier, NoticeSigner
 from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
+from twofold.provider_keys import ProviderKey
 from twofold.registry.auth import SYSTEM, new_password
 from twofold.registry.db import redact
 from twofold.registry.service import Registry
@@ -62,9 +64,17 @@ class ServeConfig:
     body_timeout: float = ConnectionLimits.body_timeout
     idle_timeout: float = ConnectionLimits.idle_timeout
     max_connections: int = ConnectionLimits.max_connections  # per listener
+    # Gateways keep serving from their last registry snapshot this long while the database
+    # cannot be reached, then refuse (503 registry_unavailable) until it is back.
+    registry_grace: float = 300.0
+    # The gateway's key for signed responses (products with sign_responses), made on first
+    # start: default <data>/gateway/response-signing.key. Every node's key is published in the
+    # registry and listed in the portal's JWKS.
+    response_signing_key: str | None = None
+    response_signing_alg: str = "ES256"  # ES256 (EC P-256), PS256 or RS256 (RSA)
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections", "registry_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise UsageError(f"{name} must be a positive number, not {value!r}")
@@ -99,6 +109,10 @@ class ServeConfig:
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def response_key_path(self) -> Path:
+        return Path(self.response_signing_key or self.data / "gateway" / "response-signing.key")
 
     @property
     def public_url(self) -> str:
@@ -324,10 +338,16 @@ class _GatewayProcess:
     ) -> _GatewayProcess:
         """Process ``index`` (0 is the main one) of ``config.workers``: listeners share the
         ports (SO_REUSEPORT) when there are several; admin listens on admin port + index."""
+        # The response key is in the registry (so in the portal's JWKS) before it signs anything.
+        signer = ResponseSigner(
+            ProviderKey.load_or_create(config.response_key_path, alg=config.response_signing_alg)
+        )
+        await registry.publish_signing_key("responses", signer.key.jwk)
         gateway = Gateway(
             registry,
             key=tls.server_key,
             certificate=tls.server_cert,
+            signer=signer,
             config=GatewayConfig(
                 max_body=config.max_body,
                 upstream_timeout=config.upstream_timeout,
@@ -336,6 +356,7 @@ class _GatewayProcess:
                 body_timeout=config.body_timeout,
                 keepalive_timeout=config.idle_timeout,
                 max_connections=config.max_connections,
+                registry_grace=config.registry_grace,
             ),
         )
         await gateway.start()
@@ -391,6 +412,7 @@ async def run(
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
         signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        await registry.publish_signing_key(signer.purpose, signer.jwk)
         notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
         # The expiry metric is served with the gateway's on the admin listener, not computed on
         # the request path: the notifier keeps its facts fresh.

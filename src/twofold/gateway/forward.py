@@ -14,7 +14,9 @@ import aiohttp
 from yarl import URL
 
 from twofold.gateway.pipeline import GatewayError, Outcome
-from twofold.gateway.sandbox import SANDBOXES, Forwarded
+from twofold.gateway.replay import ReplayGuard
+from twofold.gateway.sandbox import SANDBOXES, Forwarded, retry_after_header
+from twofold.gateway.signing import JOSE, ResponseSigner, is_json
 from twofold.gateway.snapshot import Product
 from twofold.gateway.upstream import MAX_RESPONSE, UpstreamError, UpstreamPool, UpstreamResponse, serialise
 from twofold.registry.service import Registry
@@ -93,14 +95,17 @@ class Target:
 
 
 class Forwarder:
-    def __init__(self, registry: Registry, timeout: float) -> None:
+    def __init__(self, registry: Registry, timeout: float, signer: ResponseSigner | None = None) -> None:
         self.registry = registry
         self.timeout = timeout
+        self.signer = signer  # signs the answers of products with sign_responses
+        self.replay = ReplayGuard(registry)  # records the ids of replay-protected requests
         self.pool = UpstreamPool()  # plain-HTTP upstreams
         self._session: aiohttp.ClientSession | None = None  # HTTPS upstreams, HEAD
         self._targets: dict[str, Target] = {}
 
     async def start(self) -> None:
+        self.replay.start()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
             auto_decompress=False,
@@ -108,6 +113,7 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        await self.replay.close()
         if self._session is not None:
             await self._session.close()
         self.pool.close()
@@ -127,11 +133,13 @@ class Forwarder:
         """The hot path, without a task: a plain-HTTP upstream with an idle pooled connection
         gets the request at once; :meth:`relay` turns the future's outcome into the answer.
         None: take :meth:`forward` instead."""
-        if forwarded.method == "HEAD" or product.upstream.startswith("sandbox:"):
-            return None
+        if forwarded.method == "HEAD" or product.upstream.startswith("sandbox:") or forwarded.replay:
+            return None  # a replay-protected request waits for its id to be recorded: forward()
         target = self._target(product)
         if not target.lean:
             return None
+        if product.sign_responses:
+            _identity_encoding(forwarded)
         request = serialise(
             forwarded.method,
             self._path(target, forwarded),
@@ -153,11 +161,17 @@ class Forwarder:
             answer = waiter.result()
         except (TimeoutError, UpstreamError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(answer.status, answer.fields, answer.body, forwarded, outcome)
+        return self._answer(
+            answer.status, answer.fields, answer.body, forwarded, outcome, self._signer(product)
+        )
 
     async def forward(self, product: Product, forwarded: Forwarded, outcome: Outcome) -> Response:
+        if forwarded.replay is not None:
+            await self.replay.admit(forwarded.replay)  # the database decides: 409 if seen before
         if product.upstream.startswith("sandbox:"):
             return await self._sandbox(product, forwarded, outcome)
+        if product.sign_responses:
+            _identity_encoding(forwarded)
         target = self._target(product)
         path = self._path(target, forwarded)
         try:
@@ -172,7 +186,10 @@ class Forwarder:
                     status, fields, content = await self._aiohttp(target, path, forwarded)
         except (TimeoutError, UpstreamError, aiohttp.ClientError) as exc:
             raise self._failed(product, exc) from None
-        return self._answer(status, fields, content, forwarded, outcome)
+        return self._answer(status, fields, content, forwarded, outcome, self._signer(product))
+
+    def _signer(self, product: Product) -> ResponseSigner | None:
+        return self.signer if product.sign_responses else None
 
     def _failed(self, product: Product, exc: Exception) -> GatewayError:
         if isinstance(exc, TimeoutError):
@@ -189,9 +206,17 @@ class Forwarder:
 
     @staticmethod
     def _answer(
-        status: int, fields: list[bytes], content: bytes, forwarded: Forwarded, outcome: Outcome
+        status: int,
+        fields: list[bytes],
+        content: bytes,
+        forwarded: Forwarded,
+        outcome: Outcome,
+        signer: ResponseSigner | None = None,
     ) -> Response:
-        """The upstream's answer to relay: its header lines as received, without framing."""
+        """The upstream's answer to relay: its header lines as received, without framing
+        (with ``signer``: a JSON body signed, as application/jose)."""
+        if signer is not None and content and forwarded.method != "HEAD":
+            fields, content = _signed(signer, fields, content, forwarded)
         relayed, typed, dated, declared = [], False, False, b""
         for i in range(0, len(fields), 2):
             name = fields[i]
@@ -222,7 +247,13 @@ class Forwarder:
         status, data = await sandbox(self.registry, forwarded, forwarded.path[len(product.prefix) :])
         if status >= 400 and isinstance(data, dict):
             outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
-        return json_response(status, data, [("X-Request-Id", forwarded.headers["X-Request-Id"])])
+        request_id = forwarded.headers["X-Request-Id"]
+        response = json_response(status, data, [("X-Request-Id", request_id), *retry_after_header(data)])
+        signer = self._signer(product)
+        if signer is not None and forwarded.method != "HEAD":
+            response.headers[0] = ("Content-Type", JOSE)
+            response.body = signer.sign(response.body, request_id)
+        return response
 
     async def _aiohttp(
         self, target: Target, path: str, forwarded: Forwarded
@@ -247,3 +278,31 @@ class Forwarder:
             for name, value in upstream.raw_headers:
                 fields += (name, value)
             return upstream.status, fields, b"".join(chunks)
+
+
+def _identity_encoding(forwarded: Forwarded) -> None:
+    """Ask the upstream for an uncompressed answer: the signature covers the JSON itself."""
+    for name in [n for n in forwarded.headers if n.lower() == "accept-encoding"]:
+        del forwarded.headers[name]
+
+
+def _signed(
+    signer: ResponseSigner, fields: list[bytes], content: bytes, forwarded: Forwarded
+) -> tuple[list[bytes], bytes]:
+    """The upstream's header fields and body with a JSON body signed: its Content-Type becomes
+    application/jose. Anything else (not JSON, compressed) is left as it is."""
+    json_body = False
+    for i in range(0, len(fields), 2):
+        lower = fields[i].lower()
+        if lower == b"content-type":
+            json_body = is_json(fields[i + 1])
+        elif lower == b"content-encoding" and fields[i + 1].strip().lower() not in (b"", b"identity"):
+            return fields, content
+    if not json_body:
+        return fields, content
+    kept: list[bytes] = []
+    for i in range(0, len(fields), 2):
+        if fields[i].lower() not in (b"content-type", b"content-encoding"):
+            kept += (fields[i], fields[i + 1])
+    kept += (b"Content-Type", JOSE.encode())
+    return kept, signer.sign(content, forwarded.headers.get("X-Request-Id", ""))

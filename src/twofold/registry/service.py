@@ -7,7 +7,7 @@ operators manage organisations, users, environments and products.
 
 One class, :class:`Registry`, composed of one mixin per aggregate (each in its own module):
 sessions and tokens, accounts, the catalogue, projects, certificates (and their issuance from
-CSRs), expiry notices, the sandbox's payments;
+CSRs), expiry notices, the sandbox's payments, the provider's published signing keys;
 their foundation (engine, transactions, audit) is :mod:`twofold.registry.base`.
 """
 
@@ -29,9 +29,18 @@ from twofold.registry.notices import NoticesMixin
 from twofold.registry.payments import PaymentsMixin
 from twofold.registry.projects import ProjectsMixin
 from twofold.registry.rules import USES
+from twofold.registry.signing_keys import SigningKeysMixin
 
 
-class Registry(AccountsMixin, CatalogueMixin, ProjectsMixin, IssuanceMixin, NoticesMixin, PaymentsMixin):
+class Registry(
+    AccountsMixin,
+    CatalogueMixin,
+    ProjectsMixin,
+    IssuanceMixin,
+    NoticesMixin,
+    PaymentsMixin,
+    SigningKeysMixin,
+):
     """Open with :meth:`open` (runs migrations), close with :meth:`close`."""
 
 
