@@ -93,7 +93,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
         (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
         (work / "mtls.key").write_bytes(keys.private_key_bytes(key))
-        fingerprint = asyncio.run(seed_balance_client(process.data / "twofold.db", certs.certificate_pem(cert)))
+        fingerprint = asyncio.run(
+            seed_balance_client(process.data / "twofold.db", certs.certificate_pem(cert))
+        )
         yield Served(
             process.data, process.cat, process.admin, work / "mtls.crt", work / "mtls.key", fingerprint
         )

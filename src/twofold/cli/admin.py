@@ -24,6 +24,7 @@ from twofold.crypto import certs
 from twofold.errors import UsageError
 from twofold.issuing import IssuingCAs, load_for_install
 from twofold.registry.auth import ROLES, SYSTEM, new_password
+from twofold.registry.catalogue import MAX_REPLAY_WINDOW
 from twofold.registry.service import SIGNATURE_POLICIES, Registry
 
 T = TypeVar("T")
@@ -268,6 +269,11 @@ def product() -> None:
         "twofold admin product add payments --name Payments --path /tsapi/v1/payments --upstream sandbox:payments",
         "twofold admin product add quotes --name Quotes --path /fx/v1/quotes --upstream http://10.0.0.5:8080 "
         "--signature none --content-type application/json",
+        "twofold admin product add payments --name Payments --path /tsapi/v1/payments --upstream sandbox:payments "
+        "--replay-window 300 --sign-responses",
+        "twofold admin product add ob --name 'OB payments' --path /ob/v3/payments --upstream http://10.0.0.7:8080 "
+        "--replay-window 120 --replay-iat header:http://openbanking.org.uk/iat "
+        "--replay-id Data.Initiation.InstructionIdentification",
     ),
 )
 @click.argument("product_id")
@@ -279,6 +285,24 @@ def product() -> None:
 @click.option(
     "--alg", "algorithms", multiple=True, help="Accepted JWS algorithm (repeatable; default RS256)."
 )
+@click.option(
+    "--replay-window",
+    type=click.IntRange(0, MAX_REPLAY_WINDOW),
+    help="Refuse replayed signed requests: the signing time within ± this many seconds and each id "
+    "once per organisation (0: off; unchanged when not given).",
+)
+@click.option(
+    "--replay-iat",
+    help="Where the signing time is: a payload field (default iat; a.b for nested) or header:<name>.",
+)
+@click.option(
+    "--replay-id", help="Where the request's unique id is: a payload field (default jti) or header:<name>."
+)
+@click.option(
+    "--sign-responses/--no-sign-responses",
+    default=None,
+    help="The gateway signs the upstream's JSON answers as compact JWS (unchanged when not given).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @db_options
 def product_add(
@@ -289,6 +313,10 @@ def product_add(
     signature: str,
     content_types: tuple[str, ...],
     algorithms: tuple[str, ...],
+    replay_window: int | None,
+    replay_iat: str | None,
+    replay_id: str | None,
+    sign_responses: bool | None,
     as_json: bool,
     data: str,
     db: str | None,
@@ -305,6 +333,10 @@ def product_add(
             signature=signature,
             content_types=list(content_types) or None,
             algorithms=list(algorithms) or None,
+            replay_window=replay_window,
+            replay_iat=replay_iat,
+            replay_id=replay_id,
+            sign_responses=sign_responses,
         ),
     )
     print_json(row) if as_json else err.print(f"saved API product {row['id']} at {row['path_prefix']}")
@@ -319,7 +351,52 @@ def product_list(as_json: bool, data: str, db: str | None) -> None:
         print_json(rows)
         return
     for row in rows:
-        out.print(f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}")
+        extras = []
+        if row["replay_window"]:
+            extras.append(f"replay ±{row['replay_window']}s ({row['replay_iat']}, {row['replay_id']})")
+        if row["sign_responses"]:
+            extras.append("signed responses")
+        out.print(
+            f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}"
+            + (f"  [{'; '.join(extras)}]" if extras else ""),
+            markup=False,
+        )
+
+
+@admin.group(
+    "signing-key",
+    help="The provider's signing keys (expiry notices, gateway responses) that the portal's JWKS "
+    "lists. Each portal and gateway node publishes its key when it starts.",
+)
+def signing_key() -> None:
+    pass
+
+
+@signing_key.command("list", help="List published signing keys.")
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def signing_key_list(as_json: bool, data: str, db: str | None) -> None:
+    rows = with_registry(data, db, lambda r: r.list_signing_keys(SYSTEM))
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        state = (
+            f"retired {row['retired_at'][:10]}" if row["retired_at"] else f"seen {row['last_seen_at'][:16]}"
+        )
+        out.print(f"{row['kid']}  {row['purpose']:<9} {row['alg']:<6} {state}", markup=False)
+
+
+@signing_key.command(
+    "retire",
+    help="Take a key out of the JWKS (what it signed no longer verifies; a node still holding it "
+    "refuses to start until it has a new key file).",
+)
+@click.argument("kid")
+@db_options
+def signing_key_retire(kid: str, data: str, db: str | None) -> None:
+    with_registry(data, db, lambda r: r.retire_signing_key(SYSTEM, kid))
+    err.print(f"retired signing key {kid}")
 
 
 @admin.group(help="Environments.")

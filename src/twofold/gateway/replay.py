@@ -100,6 +100,10 @@ def _where(in_header: bool, name: str) -> str:
     )
 
 
+def _name(in_header: bool, name: str) -> str:
+    return repr(name[len(HEADER_FIELD) :] if in_header else name)
+
+
 def _lookup(source: Any, path: tuple[str, ...]) -> Any:
     for name in path:
         if not isinstance(source, dict):
@@ -125,7 +129,8 @@ def claim(policy: ReplayPolicy, token: bytes, payload: bytes, org_id: int, org: 
         )
     if abs(now - iat) > policy.window:
         raise ReplayError(
-            f"the request was signed at {int(iat)}, {abs(int(now - iat))} s "
+            f"the request's {_name(policy.iat_in_header, policy.iat_name)} says it was signed at {int(iat)}, "
+            f"{abs(int(now - iat))} s "
             f"{'before' if iat < now else 'after'} the gateway's clock ({int(now)}); it is accepted within "
             f"{policy.window} s: sign each request just before sending it, with a correct clock",
             code="replay_iat_outside_window",
