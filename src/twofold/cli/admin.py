@@ -257,6 +257,36 @@ def token_new(email: str, name: str, data: str, db: str | None) -> None:
 # --- products and environments -----------------------------------------------------------------
 
 
+def protection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Replay protection and signed responses (each left as it is when not given)."""
+    for option in reversed(_PROTECTION):
+        command = option(command)
+    return command
+
+
+_PROTECTION = [
+    click.option(
+        "--replay-window",
+        type=click.IntRange(0, MAX_REPLAY_WINDOW),
+        help="Refuse replayed signed requests: the signing time within ± this many seconds and each id "
+        "once per organisation (0: off; unchanged when not given).",
+    ),
+    click.option(
+        "--replay-iat",
+        help="Where the signing time is: a payload field (default iat; a.b for nested) or header:<name>.",
+    ),
+    click.option(
+        "--replay-id",
+        help="Where the request's unique id is: a payload field (default jti) or header:<name>.",
+    ),
+    click.option(
+        "--sign-responses/--no-sign-responses",
+        default=None,
+        help="The gateway signs the upstream's JSON answers as compact JWS (unchanged when not given).",
+    ),
+]
+
+
 @admin.group(help="API products.")
 def product() -> None:
     pass
@@ -285,24 +315,7 @@ def product() -> None:
 @click.option(
     "--alg", "algorithms", multiple=True, help="Accepted JWS algorithm (repeatable; default RS256)."
 )
-@click.option(
-    "--replay-window",
-    type=click.IntRange(0, MAX_REPLAY_WINDOW),
-    help="Refuse replayed signed requests: the signing time within ± this many seconds and each id "
-    "once per organisation (0: off; unchanged when not given).",
-)
-@click.option(
-    "--replay-iat",
-    help="Where the signing time is: a payload field (default iat; a.b for nested) or header:<name>.",
-)
-@click.option(
-    "--replay-id", help="Where the request's unique id is: a payload field (default jti) or header:<name>."
-)
-@click.option(
-    "--sign-responses/--no-sign-responses",
-    default=None,
-    help="The gateway signs the upstream's JSON answers as compact JWS (unchanged when not given).",
-)
+@protection_options
 @click.option("--json", "as_json", is_flag=True)
 @db_options
 def product_add(
@@ -342,6 +355,56 @@ def product_add(
     print_json(row) if as_json else err.print(f"saved API product {row['id']} at {row['path_prefix']}")
 
 
+@product.command(
+    "set",
+    help="Change a product's replay protection and response signing only."
+    + examples(
+        "twofold admin product set payments --replay-window 300 --sign-responses",
+        "twofold admin product set payments --replay-window 0 --no-sign-responses",
+    ),
+)
+@click.argument("product_id")
+@protection_options
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def product_set(
+    product_id: str,
+    replay_window: int | None,
+    replay_iat: str | None,
+    replay_id: str | None,
+    sign_responses: bool | None,
+    as_json: bool,
+    data: str,
+    db: str | None,
+) -> None:
+    if replay_window is None and replay_iat is None and replay_id is None and sign_responses is None:
+        raise UsageError(
+            "say what to change: --replay-window, --replay-iat, --replay-id or --[no-]sign-responses"
+        )
+    row = with_registry(
+        data,
+        db,
+        lambda r: r.set_product_protection(
+            SYSTEM,
+            product_id,
+            replay_window=replay_window,
+            replay_iat=replay_iat,
+            replay_id=replay_id,
+            sign_responses=sign_responses,
+        ),
+    )
+    print_json(row) if as_json else err.print(f"saved API product {row['id']}: {_protection_text(row)}")
+
+
+def _protection_text(row: dict[str, Any]) -> str:
+    parts = []
+    if row["replay_window"]:
+        parts.append(f"replay ±{row['replay_window']}s ({row['replay_iat']}, {row['replay_id']})")
+    if row["sign_responses"]:
+        parts.append("signed responses")
+    return "; ".join(parts) or "no replay protection, unsigned responses"
+
+
 @product.command("list", help="List API products.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
@@ -351,14 +414,10 @@ def product_list(as_json: bool, data: str, db: str | None) -> None:
         print_json(rows)
         return
     for row in rows:
-        extras = []
-        if row["replay_window"]:
-            extras.append(f"replay ±{row['replay_window']}s ({row['replay_iat']}, {row['replay_id']})")
-        if row["sign_responses"]:
-            extras.append("signed responses")
+        extras = _protection_text(row) if row["replay_window"] or row["sign_responses"] else ""
         out.print(
             f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}"
-            + (f"  [{'; '.join(extras)}]" if extras else ""),
+            + (f"  [{extras}]" if extras else ""),
             markup=False,
         )
 

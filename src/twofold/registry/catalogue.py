@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -306,21 +307,7 @@ class CatalogueMixin(RegistryBase):
         if bad:
             raise RegistryError(f"unsupported signature algorithms: {', '.join(bad)}", code="product_invalid")
         content_types = content_types or list(DEFAULT_CONTENT_TYPES)
-        if replay_window is not None and (
-            isinstance(replay_window, bool)
-            or not isinstance(replay_window, int)
-            or not 0 <= replay_window <= MAX_REPLAY_WINDOW
-        ):
-            raise RegistryError(
-                f"the replay window is a number of seconds from 1 to {MAX_REPLAY_WINDOW} (0 turns it off)",
-                code="product_invalid",
-            )
-        if replay_iat is not None:
-            field_ref(replay_iat, "the replay time field")
-            replay_iat = replay_iat.strip()
-        if replay_id is not None:
-            field_ref(replay_id, "the replay id field")
-            replay_id = replay_id.strip()
+        protection = Protection.checked(replay_window, replay_iat, replay_id, sign_responses)
 
         async def work(session: AsyncSession) -> dict[str, Any]:
             clash = (
@@ -339,20 +326,7 @@ class CatalogueMixin(RegistryBase):
                 session.add(row)
             row.name, row.path_prefix, row.upstream, row.signature = name, path_prefix, upstream, signature
             row.content_types, row.algorithms = content_types, algorithms
-            if replay_window is not None:
-                row.replay_window = replay_window or None
-            if replay_iat is not None:
-                row.replay_iat = replay_iat
-            if replay_id is not None:
-                row.replay_id = replay_id
-            if sign_responses is not None:
-                row.sign_responses = sign_responses
-            if row.replay_window and signature != "required":
-                raise RegistryError(
-                    "replay protection needs signed requests: set signature to required, or the replay "
-                    "window to 0",
-                    code="product_invalid",
-                )
+            protection.apply(row)
             await session.flush()
             await audit.append(
                 session,
@@ -366,3 +340,81 @@ class CatalogueMixin(RegistryBase):
             return product_view(row)
 
         return await self._tx(work)
+
+    async def set_product_protection(
+        self,
+        actor: Principal,
+        product_id: str,
+        *,
+        replay_window: int | None = None,
+        replay_iat: str | None = None,
+        replay_id: str | None = None,
+        sign_responses: bool | None = None,
+    ) -> dict[str, Any]:
+        """Change only a product's replay protection and response signing."""
+        self._need_operator(actor)
+        protection = Protection.checked(replay_window, replay_iat, replay_id, sign_responses)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            row = await session.get(ApiProduct, product_id)
+            if row is None:
+                raise NotFound(f"no API product {product_id!r}", code="product_not_found")
+            protection.apply(row)
+            await session.flush()
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="product.update",
+                object_type="product",
+                object_id=product_id,
+                details=product_view(row),
+            )
+            await self._bump(session)
+            return product_view(row)
+
+        return await self._tx(work)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Replay protection and response signing as an operator sets them (None: unchanged)."""
+
+    replay_window: int | None
+    replay_iat: str | None
+    replay_id: str | None
+    sign_responses: bool | None
+
+    @classmethod
+    def checked(
+        cls, window: int | None, iat: str | None, id_field: str | None, sign: bool | None
+    ) -> Protection:
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_REPLAY_WINDOW
+        ):
+            raise RegistryError(
+                f"the replay window is a number of seconds from 1 to {MAX_REPLAY_WINDOW} (0 turns it off)",
+                code="product_invalid",
+            )
+        if iat is not None:
+            field_ref(iat, "the replay time field")
+            iat = iat.strip()
+        if id_field is not None:
+            field_ref(id_field, "the replay id field")
+            id_field = id_field.strip()
+        return cls(window, iat, id_field, sign)
+
+    def apply(self, row: ApiProduct) -> None:
+        if self.replay_window is not None:
+            row.replay_window = self.replay_window or None
+        if self.replay_iat is not None:
+            row.replay_iat = self.replay_iat
+        if self.replay_id is not None:
+            row.replay_id = self.replay_id
+        if self.sign_responses is not None:
+            row.sign_responses = self.sign_responses
+        if row.replay_window and row.signature != "required":
+            raise RegistryError(
+                "replay protection needs signed requests: set the product's signature to required, or "
+                "the replay window to 0",
+                code="product_invalid",
+            )
