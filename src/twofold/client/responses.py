@@ -9,7 +9,8 @@ names a key it does not list yet: a new gateway node, a new key) or read from a 
 dict. Only keys of the JWKS verify, each with its own ``alg`` (ES256, PS256 or RS256): the
 JWS header cannot name another key or algorithm. What is refused raises
 :class:`ResponseSignatureError`: a 2xx answer that is not signed, a signature that does not
-verify, a key the JWKS does not list. Unsigned refusals (4xx, 5xx) of the gateway itself
+verify, a key the JWKS does not list, a JWS that is not a response (the header of a response
+has ``typ`` JOSE and the ``request_id`` it answered; an expiry notice has neither). Unsigned refusals (4xx, 5xx) of the gateway itself
 pass: they are not the API's answers, and their status says what happened.
 """
 
@@ -176,6 +177,13 @@ class ResponseVerifier:
                 f"the response's signature does not hold: {error.message}",
                 code="response_signature_invalid",
             ) from None
+        header = verified.header
+        if header.get("typ") != "JOSE" or not isinstance(header.get("request_id"), str):
+            # Signed by a provider key, but not as a response (an expiry notice, say).
+            raise ResponseSignatureError(
+                "the body is signed, but not as a gateway response (no typ JOSE and request_id)",
+                code="response_signature_invalid",
+            )
         return _replaced(response, token, verified)
 
     def verified(self, response: httpx.Response) -> httpx.Response:
