@@ -6,7 +6,6 @@ across two gateway processes on one PostgreSQL database: tests/test_replay_nodes
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gatewaykit import World, assert_refusal, running_world
+from gatewaykit import World, assert_refusal, post_at_once, running_world
 from twofold.crypto import jws
 from twofold.errors import TwofoldError
 from twofold.registry.auth import SYSTEM
@@ -164,24 +163,8 @@ def test_a_jws_header_time_and_a_nested_payload_id(world: World) -> None:
 def test_the_same_request_sent_twenty_times_at_once_is_forwarded_once(world: World) -> None:
     body = signed(world, "acme", fresh())
     mark = world.upstream.count()
-    statuses: list[int] = []
-    lock = threading.Lock()
-    start = threading.Barrier(20)
-
-    def send() -> None:
-        with world.client(world.orgs["acme"].mtls) as client:
-            client.get("/accessapi/balance")  # connected and handshaken before the barrier
-            start.wait()
-            status = client.post("/guarded/race", content=body, headers=JOSE).status_code
-        with lock:
-            statuses.append(status)
-
-    threads = [threading.Thread(target=send) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert sorted(statuses) == [200] + [409] * 19
+    statuses = post_at_once([lambda: world.client(world.orgs["acme"].mtls)] * 20, "/guarded/race", body, JOSE)
+    assert statuses == [200] + [409] * 19
     assert len(world.upstream.since(mark)) == 1
 
 
