@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from twofold.errors import TwofoldError
 from twofold.gateway.pipeline import GatewayError, Outcome
 from twofold.gateway.replay import ReplayGuard
 from twofold.gateway.sandbox import SANDBOXES, Forwarded, retry_after_header
@@ -57,6 +58,14 @@ def json_response(status: int, data: Any, headers: list[tuple[str, str]] | None 
 
 def error_response(status: int, code: str, message: str) -> Response:
     return json_response(status, {"error": {"code": code, "message": message}})
+
+
+def refusal(error: TwofoldError) -> Response:
+    """A refusal's JSON answer, with Retry-After when it passes with time (a 503)."""
+    response = error_response(error.status, error.code, error.message)
+    if error.retry_after:
+        response.headers.append(("Retry-After", str(error.retry_after)))
+    return response
 
 
 def reason(status: int) -> str:
