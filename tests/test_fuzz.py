@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Iterator
@@ -309,6 +310,7 @@ def test_raw_requests_over_mtls_are_answered_below_500_or_closed_cleanly(
                 answers.append(parser.get_status_code())
 
         parser = httptools.HttpResponseParser(Parser())
+        received, head = b"", any(b"HEAD" in r.upper() for r in requests)
         with RawClient(world) as client:
             started = time.monotonic()
             with contextlib.suppress(ssl.SSLError, OSError):  # closed while we wrote: a refusal
@@ -325,8 +327,12 @@ def test_raw_requests_over_mtls_are_answered_below_500_or_closed_cleanly(
                     ) from None
                 if not data:
                     break
-                parser.feed_data(data)  # raises if an answer is not HTTP
+                received += data
+                if not head:  # an answer to HEAD has no body: only the client knows where it ends
+                    parser.feed_data(data)  # raises if an answer is not HTTP
             assert time.monotonic() - started < CLOSE_WITHIN + 1
+        if head:
+            answers[:] = [int(m) for m in re.findall(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ", received)]
         for status in answers:
             statuses[status] = statuses.get(status, 0) + 1
         assert all(status < 500 for status in answers), (requests, answers)

@@ -67,6 +67,9 @@ class ServeConfig:
     # Gateways keep serving from their last registry snapshot this long while the database
     # cannot be reached, then refuse (503 registry_unavailable) until it is back.
     registry_grace: float = 300.0
+    # Replay ids are flushed to disk before the request is forwarded; false: visible to every
+    # node at once all the same, but a database crash may forget the last moment's ids.
+    replay_durable: bool = True
     # The gateway's key for signed responses (products with sign_responses), made on first
     # start: default <data>/gateway/response-signing.key. Every node's key is published in the
     # registry and listed in the portal's JWKS.
@@ -357,6 +360,7 @@ class _GatewayProcess:
                 keepalive_timeout=config.idle_timeout,
                 max_connections=config.max_connections,
                 registry_grace=config.registry_grace,
+                replay_durable=config.replay_durable,
             ),
         )
         await gateway.start()

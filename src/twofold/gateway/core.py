@@ -47,6 +47,7 @@ class GatewayConfig:
     # The registry unreachable: requests are served from the last snapshot for this long,
     # then refused (503 registry_unavailable) until it answers again.
     registry_grace: float = 300.0
+    replay_durable: bool = True  # replay ids committed to disk before the request is forwarded
 
     @property
     def limits(self) -> Limits:
@@ -75,7 +76,9 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.metrics = metrics or Metrics()
         self.trust = Trust(key, certificate, chain)
-        self.forwarder = Forwarder(registry, self.config.upstream_timeout, signer)
+        self.forwarder = Forwarder(
+            registry, self.config.upstream_timeout, signer, replay_durable=self.config.replay_durable
+        )
         self.limits = self.config.limits
         self.connections = Connections()
         self.snapshot: Snapshot | None = None

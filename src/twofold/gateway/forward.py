@@ -104,11 +104,19 @@ class Target:
 
 
 class Forwarder:
-    def __init__(self, registry: Registry, timeout: float, signer: ResponseSigner | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        timeout: float,
+        signer: ResponseSigner | None = None,
+        *,
+        replay_durable: bool = True,
+    ) -> None:
         self.registry = registry
         self.timeout = timeout
         self.signer = signer  # signs the answers of products with sign_responses
-        self.replay = ReplayGuard(registry)  # records the ids of replay-protected requests
+        # Records the ids of replay-protected requests.
+        self.replay = ReplayGuard(registry, durable=replay_durable)
         self.pool = UpstreamPool()  # plain-HTTP upstreams
         self._session: aiohttp.ClientSession | None = None  # HTTPS upstreams, HEAD
         self._targets: dict[str, Target] = {}

@@ -15,7 +15,8 @@ organisation has not used before. Both are read from what the signature covers.
   unreachable fails closed (503).
 
 What is kept off the request's critical path: ids of concurrent requests are recorded in
-one statement per event-loop turn (one round trip for however many are waiting), ids this
+one statement per event-loop turn (one round trip for however many are waiting, with the
+database driver on a connection of its own: :mod:`twofold.gateway.replay_store`), ids this
 process has recorded are refused from memory without a round trip, and expired ids are
 deleted by a background sweep. An id is kept until its request's time has left the window
 (plus :data:`CLOCK_SLACK` for clocks that disagree between nodes); after that the window
@@ -36,14 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete
-from sqlalchemy.dialects import postgresql, sqlite
-
 from twofold.crypto import jws
 from twofold.errors import TwofoldError
+from twofold.gateway.replay_store import open_store
 from twofold.registry.catalogue import HEADER_FIELD, field_ref
-from twofold.registry.db import is_sqlite
-from twofold.registry.models import ReplayId
 from twofold.registry.service import Registry
 
 log = logging.getLogger("twofold.gateway")
@@ -165,10 +162,12 @@ def replayed(claim: Claim) -> ReplayError:
 class ReplayGuard:
     """Records ids in the registry database; see the module's description."""
 
-    def __init__(self, registry: Registry, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, registry: Registry, *, durable: bool = True, clock: Callable[[], float] = time.time
+    ) -> None:
         self.registry = registry
         self.clock = clock
-        self._dialect = sqlite if is_sqlite(registry.url) else postgresql
+        self.store = open_store(registry.url, durable=durable)
         self._pending: dict[tuple[int, bytes], tuple[int, list[asyncio.Future[bool]]]] = {}
         self._flushing = False
         self._remembered: dict[tuple[int, bytes], int] = {}
@@ -185,6 +184,7 @@ class ReplayGuard:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        await self.store.close()
 
     async def admit(self, claim: Claim) -> None:
         """Returns once the id is recorded as this request's; raises a 409 when it was
@@ -229,23 +229,11 @@ class ReplayGuard:
     async def _record(
         self, batch: dict[tuple[int, bytes], tuple[int, list[asyncio.Future[bool]]]]
     ) -> set[tuple[int, bytes]]:
-        """INSERT … ON CONFLICT: a new id is inserted, an expired one taken over; returns the
-        keys this statement wrote (the others were recorded before and are still valid)."""
-        now = int(self.clock())
-        rows = [{"org_id": k[0], "digest": k[1], "expires_at": e} for k, (e, _f) in batch.items()]
-        fresh: set[tuple[int, bytes]] = set()
-        async with self.registry.sessions() as session, session.begin():
-            for start in range(0, len(rows), BATCH_ROWS):
-                insert = self._dialect.insert(ReplayId).values(rows[start : start + BATCH_ROWS])
-                statement = insert.on_conflict_do_update(
-                    index_elements=[ReplayId.org_id, ReplayId.digest],
-                    set_={"expires_at": insert.excluded.expires_at},
-                    where=ReplayId.expires_at <= now,
-                ).returning(ReplayId.org_id, ReplayId.digest)
-                self.round_trips += 1
-                for org_id, digest in await session.execute(statement):
-                    fresh.add((int(org_id), bytes(digest)))
-        return fresh
+        """One statement for the batch: a new id is inserted, an expired one taken over; the
+        keys it wrote (the others were recorded before and are still valid)."""
+        self.round_trips += 1
+        rows = [(org_id, digest, expires) for (org_id, digest), (expires, _f) in batch.items()]
+        return await self.store.record(rows, int(self.clock()))
 
     def _remember(self, key: tuple[int, bytes], expires: int) -> None:
         remembered = self._remembered
@@ -258,11 +246,10 @@ class ReplayGuard:
     async def sweep_once(self) -> int:
         """Delete the ids whose window has passed; returns how many."""
         now = int(self.clock())
-        async with self.registry.sessions() as session, session.begin():
-            result = await session.execute(delete(ReplayId).where(ReplayId.expires_at <= now))
+        deleted = await self.store.sweep(now)
         for key in [k for k, e in self._remembered.items() if e <= now]:
             del self._remembered[key]
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return deleted
 
     async def _sweep(self) -> None:
         while True:
