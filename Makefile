@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
+SERVE_ARGS ?=   # e.g. make run SERVE_ARGS="--config twofold.toml" (other ports, PostgreSQL …)
 
 .PHONY: run test lint typecheck unit bench bench-gateway bench-replay soak system-deps clean walkthrough
 
@@ -27,7 +28,7 @@ $(SSLYZE): pyproject.toml | $(BIN)/python
 
 ## make run: the main job — portal, gateways (cat :8443, prod :9443) and sandbox on SQLite.
 run: $(DEPS)
-	$(BIN)/twofold serve --data $(DATA)
+	$(BIN)/twofold serve --data $(DATA) $(SERVE_ARGS)
 
 ## make walkthrough: the client toolkit walkthrough against a throwaway local mTLS endpoint.
 walkthrough: $(DEPS)
@@ -48,7 +49,7 @@ typecheck: $(DEPS)
 	$(BIN)/mypy
 
 unit: $(DEPS)
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 bench: $(DEPS) system-deps
 	$(BIN)/python bench/jws_bench.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests talk to (openssl, curl, nginx, chromium), and what
+# Installs the Debian packages the tests talk to (openssl, curl, jq, git, nginx, chromium), and what
 # bench/gateway_bench.py needs besides (wrk, and gcc + libc6-dev to build its small
 # client-certificate shim for wrk), when they are missing. Without root or apt, says loudly
 # what is missing; the suites that need it then report themselves as not run (and fail in
@@ -8,6 +8,8 @@ set -u
 need=()
 command -v openssl  >/dev/null 2>&1 || need+=(openssl)
 command -v curl     >/dev/null 2>&1 || need+=(curl)
+command -v jq       >/dev/null 2>&1 || need+=(jq)    # the README's walkthrough (tests/test_readme.py)
+command -v git      >/dev/null 2>&1 || need+=(git)
 command -v nginx    >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v wrk      >/dev/null 2>&1 || need+=(wrk)

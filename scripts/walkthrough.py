@@ -73,7 +73,7 @@ def main() -> None:
         "sign",
         "--key",
         str(creds / "sign.key"),
-        "--x5t",
+        "--sign-cert",
         str(creds / "sign.crt"),
         str(payment),
         stdout=token,

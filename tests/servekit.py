@@ -4,7 +4,12 @@ stdout go to files that tests read (the real log output).
 
 :func:`serving` adds what the suites that drive it from outside need (rotation under load,
 doctor): operator steps straight on the registry database, organisation users with API
-tokens through the portal API and the `twofold` CLI."""
+tokens through the portal API and the `twofold` CLI.
+
+Every serve started here announces itself (for `twofold demo` and the hints) in a runtime
+directory of its own, never the user's. :func:`serve_beside` adds a person's shell beside a
+serve (:class:`Shell`): the serve's working directory holding its ./data, the venv's bin on
+PATH, and the `twofold` command run as typed there."""
 
 from __future__ import annotations
 
@@ -16,19 +21,32 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from click.testing import CliRunner
 
 from gatewaykit import free_port, wait_until
+from twofold.cli import main
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
 
 T = TypeVar("T")
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
+BIN = Path(sys.executable).parent
+DROPPED = (
+    "TWOFOLD_DATA",
+    "TWOFOLD_DB",
+    "TWOFOLD_TOKEN",
+    "TWOFOLD_PORTAL",
+    "TWOFOLD_CACERT",
+    "TWOFOLD_KEY_PASSPHRASE",
+    "TWOFOLD_DEBUG",
+    "FORCE_COLOR",
+)
 
 
 @dataclass
@@ -39,10 +57,11 @@ class ServeProcess:
     admin: int
     cat: int
     prod: int
+    data_dir: Path | None = None
 
     @property
     def data(self) -> Path:
-        return self.work / "data"
+        return self.data_dir or self.work / "data"
 
     @property
     def ca(self) -> Path:
@@ -92,8 +111,14 @@ def serve_process(
     args: tuple[str, ...] = ("--no-access-log",),
     preexec_fn: Callable[[], None] | None = None,
     admin: int | None = None,
+    data: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[ServeProcess]:
-    """`twofold serve --config` in a new process group, stopped with SIGTERM afterwards."""
+    """`twofold serve --config` in a new process group, stopped with SIGTERM afterwards. Its
+    settings, logs and runtime directory are in ``work``; its data in ``data`` (default
+    work/data); it runs in ``cwd`` with ``env`` (default: this process's, announcing the serve
+    in work/.runtime)."""
     work.mkdir(parents=True, exist_ok=True)
     served_ports = {
         "portal": free_port(),
@@ -108,13 +133,17 @@ def serve_process(
     )
     with (work / "serve.stderr").open("wb") as stderr, (work / "serve.stdout").open("wb") as stdout:
         process = subprocess.Popen(
-            [TWOFOLD, "serve", "--data", str(work / "data"), "--config", str(config), *args],
+            [TWOFOLD, "serve", "--data", str(data or work / "data"), "--config", str(config), *args],
+            cwd=cwd,
+            env=dict(env)
+            if env is not None
+            else {**os.environ, "TWOFOLD_RUNTIME_DIR": str(work / ".runtime")},
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
-    served = ServeProcess(process, work, **served_ports)
+    served = ServeProcess(process, work, **served_ports, data_dir=data)
     try:
         wait_until(lambda: _portal_up(served), 60, 0.2)
         yield served
@@ -252,3 +281,96 @@ def serving(work: Path) -> Iterator[Served]:
 
         wait_until(ready, 30, 0.1)
         yield Served(proc)
+
+
+# --- a person's shell beside the serve -------------------------------------------------------
+
+
+def user_env(aside: Path) -> dict[str, str]:
+    """The environment of a person's shell: the venv's bin first on PATH, nothing of twofold's
+    own variables from the caller, a runtime directory of this test's own (in ``aside``)."""
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["TWOFOLD_RUNTIME_DIR"] = str(aside / ".runtime")
+    env["NO_COLOR"] = "1"
+    return env
+
+
+@dataclass
+class Shell:
+    """A serve whose working directory is ``root`` (its data: root/data), and the shell of a
+    person working beside it."""
+
+    root: Path
+    process: ServeProcess
+    env: dict[str, str]
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def ca(self) -> Path:
+        return self.data / "ca" / "ca.crt"
+
+    @property
+    def portal_port(self) -> int:
+        return self.process.portal
+
+    @property
+    def cat_port(self) -> int:
+        return self.process.cat
+
+    @property
+    def prod_port(self) -> int:
+        return self.process.prod
+
+    @property
+    def admin_port(self) -> int:
+        return self.process.admin
+
+    @property
+    def portal(self) -> str:
+        return f"https://localhost:{self.portal_port}"
+
+    @property
+    def gateway(self) -> str:
+        return f"https://localhost:{self.cat_port}"
+
+    def log(self) -> str:
+        return self.process.log()
+
+    def twofold(
+        self, *args: object, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`twofold ARGS` typed in ``cwd`` (default: the serve's directory) — run in this
+        process (a Python start per command would cost more than most commands), with the
+        working directory and environment a shell would give it. An exception that escapes
+        (a traceback, for a user) fails the test."""
+        argv = [str(a) for a in args]
+        environment = {**self.env, **(env or {})}
+        overrides: dict[str, str | None] = {k: None for k in os.environ if k not in environment}
+        overrides.update(environment)
+        before = Path.cwd()
+        os.chdir(cwd or self.root)
+        try:
+            result = CliRunner().invoke(main, argv, env=overrides, catch_exceptions=True)
+        finally:
+            os.chdir(before)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise AssertionError(
+                f"`twofold {' '.join(argv)}` raised {result.exception!r}"
+            ) from result.exception
+        return subprocess.CompletedProcess(["twofold", *argv], result.exit_code, result.stdout, result.stderr)
+
+
+@contextlib.contextmanager
+def serve_beside(root: Path, aside: Path) -> Iterator[Shell]:
+    """`twofold serve` run in ``root`` with its data in ./data, as `make run` runs it there;
+    its settings, logs and runtime directory in ``aside`` (so that ``root`` holds only what a
+    person's walkthrough writes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = user_env(aside)
+    with serve_process(aside, data=root / "data", cwd=root, env=env) as process:
+        yield Shell(root, process, env)

@@ -288,7 +288,9 @@ def test_csr_new_with_an_encrypted_key_and_no_passphrase_says_one_is_needed(
     result = cli("csr", "new", "--key", key_path, "--subject", SUBJECT)
     assert result.exit_code == 1
     assert result.error_lines() == [
-        f"error[key_passphrase_required]: the private key in {key_path} is encrypted and no passphrase was given"
+        f"error[key_passphrase_required]: the private key in {key_path} is encrypted: give its passphrase "
+        "with --passphrase-file FILE, in the variable TWOFOLD_KEY_PASSPHRASE, or in a variable of your "
+        "choice named by --passphrase-env VAR (in a terminal, twofold asks for it)"
     ]
 
 

@@ -148,19 +148,22 @@ def test_jws_sign_kid_goes_into_the_protected_header(signers: Signers, tmp_path:
     assert json.loads(result.stdout)["signer"] == str(signers.rsa.cert_path)
 
 
-def test_jws_sign_x5t_puts_the_sha256_thumbprint_of_the_certificate(openssl: str, signers: Signers) -> None:
-    token = sign(signers, "--x5t", signers.rsa.cert_path, signers.payment)
+@pytest.mark.parametrize("option", ["--sign-cert", "--x5t"])  # documented, and its earlier name
+def test_jws_sign_cert_puts_the_sha256_thumbprint_of_the_certificate(
+    openssl: str, signers: Signers, option: str
+) -> None:
+    token = sign(signers, option, signers.rsa.cert_path, signers.payment)
     der = run_tool(openssl, "x509", "-in", signers.rsa.cert_path, "-outform", "DER").stdout
     assert header_of(token) == {"alg": "RS256", "x5t#S256": b64url(hashlib.sha256(der).digest())}
 
 
-def test_jws_sign_refuses_kid_and_x5t_together(signers: Signers) -> None:
+def test_jws_sign_refuses_kid_and_a_signing_certificate_together(signers: Signers) -> None:
     result = cli(
-        "jws", "sign", "--key", signers.rsa.key_path, "--kid", "k1", "--x5t", signers.rsa.cert_path,
+        "jws", "sign", "--key", signers.rsa.key_path, "--kid", "k1", "--sign-cert", signers.rsa.cert_path,
         signers.payment,
     )  # fmt: skip
     assert result.exit_code == 2
-    assert result.error_lines() == ["error[usage]: give --kid or --x5t, not both"]
+    assert result.error_lines() == ["error[usage]: give --kid or --sign-cert, not both"]
     assert result.stdout == ""
 
 

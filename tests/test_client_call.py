@@ -353,7 +353,10 @@ def test_call_with_pkcs12_client_credentials_and_a_password_file(
     assert echoed(result.stdout)["client_certificate"]["sha256"] == kit.mtls.fingerprint  # type: ignore[index]
     without = cli("call", f"{kit.url}/x", option, client_p12, "--cacert", kit.ca_pem)
     assert without.exit_code == 1
-    assert_one_line_error(without.stderr, "key_passphrase_required")
+    line = assert_one_line_error(without.stderr, "key_passphrase_required")
+    # It says how to give the passphrase (a .p12 given as --cert too).
+    for way in ("--passphrase-file FILE", "TWOFOLD_KEY_PASSPHRASE", "--passphrase-env VAR"):
+        assert way in line, line
 
 
 def test_call_with_a_combined_pem_holding_key_and_certificate(kit: Kit) -> None:

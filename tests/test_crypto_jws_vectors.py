@@ -374,3 +374,28 @@ def test_rsa_keys_under_2048_bits_are_refused_by_design(alg: str) -> None:
     with pytest.raises(JWSError) as verifying:
         jws.verify(token, weak.public_key(), algorithms=(alg,))
     assert verifying.value.code == "jws_no_key"
+
+
+# --- after a refusal: was it a registered key? ---------------------------------------------------
+
+
+def test_signed_by_a_known_key_tells_a_changed_body_from_an_unknown_key() -> None:
+    """What the gateway's jws_signature_invalid message builds on: RS256 padding comes out
+    right only under the signer's public key, so a refused token says whether one of the
+    registered keys made it (the bytes changed after signing) or none did."""
+    registered, stranger = (rsa.generate_private_key(65537, 2048) for _ in range(2))
+    verifier = jws.Verifier([registered.public_key()])
+    by_stranger = jws.sign(b'{"a":1}', stranger)
+    header, _, signature = jws.sign(b'{"a":1}', registered).split(".")
+    other_payload = base64.urlsafe_b64encode(b'{"a":2}').rstrip(b"=").decode()
+    changed = f"{header}.{other_payload}.{signature}"
+    for token in (by_stranger, changed):
+        with pytest.raises(JWSError) as refused:
+            verifier.verify(token)
+        assert refused.value.code == "jws_signature_invalid"
+    assert verifier.signed_by_a_known_key(by_stranger) is False
+    assert verifier.signed_by_a_known_key(changed) is True
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ec_verifier = jws.Verifier([ec_key.public_key()], algorithms=["ES256"])
+    assert ec_verifier.signed_by_a_known_key(jws.sign(b"{}", ec.generate_private_key(ec.SECP256R1()))) is None
+    assert verifier.signed_by_a_known_key("not.a.jws!") is None

@@ -10,6 +10,7 @@ each test leaves the registry as it found it, or only adds what it alone uses.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import ssl
@@ -545,6 +546,26 @@ def test_a_body_signed_with_another_organisations_key_is_401(world: World) -> No
             "jws_signature_invalid",
         )
     assert "acme" in error["message"]
+    # The key is registered nowhere in acme: the message says where to register it.
+    assert "belongs to none of them" in error["message"]
+    assert "Security page" in error["message"]
+
+
+def test_a_body_changed_after_signing_is_401_saying_a_registered_key_signed_other_bytes(world: World) -> None:
+    header, _payload, signature = signed(world, "acme", payment()).split(".")
+    changed = base64.urlsafe_b64encode(json.dumps(payment()).encode()).rstrip(b"=").decode()
+    with world.client(world.orgs["acme"].mtls) as client:
+        error = assert_refusal(
+            client.post(
+                "/tsapi/v1/payments",
+                content=f"{header}.{changed}.{signature}",
+                headers={"Content-Type": "application/jose"},
+            ),
+            401,
+            "jws_signature_invalid",
+        )
+    assert "a registered key signed it, but not these bytes" in error["message"]
+    assert "Security page" not in error["message"]
 
 
 def test_an_organisation_without_a_signature_certificate_is_401_no_signature_certificate(

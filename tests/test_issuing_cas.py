@@ -33,6 +33,15 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_admin_env_set_installs_an_issuing_ca(tmp_path: Path) -> None:
     data = tmp_path / "data"
+
+    async def serve_made_it() -> None:  # admin commands use the registry a serve made; none make one
+        registry = await Registry.open(str(data / "twofold.db"))
+        try:
+            await registry.ensure_defaults()
+        finally:
+            await registry.close()
+
+    asyncio.run(serve_made_it())
     ca = write_ca(tmp_path / "given", passphrase=b"ca secret")
     (tmp_path / "pass.txt").write_text("ca secret\n")
     done = run(

@@ -341,12 +341,25 @@ def _delete_alpha_project(world: World, role: str) -> Call:
     return Call(path_params={"project": str(project)}, verify=verify)
 
 
+def _alpha_project(world: World, role: str) -> Call:
+    project = world.alpha_new_project(with_payments=True)
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        if ok:
+            assert response.json() == world.alpha_projects()[project]
+            assert response.json()["products"] == [{"product": "payments", "environment": "cat"}]
+
+    return Call(path_params={"project": str(project)}, verify=verify)
+
+
 def _link_alpha_project(world: World, role: str) -> Call:
     project = world.alpha_new_project()
 
     def verify(ok: bool, response: httpx.Response) -> None:
         links = world.alpha_projects()[project]["products"]
         assert (links == [{"product": "payments", "environment": "cat"}]) is ok
+        if ok:  # the answer is the project as it now is
+            assert response.json()["products"] == links
 
     return Call(path_params={"project": str(project), "env": "cat", "product": "payments"}, verify=verify)
 
@@ -356,6 +369,8 @@ def _unlink_alpha_project(world: World, role: str) -> Call:
 
     def verify(ok: bool, response: httpx.Response) -> None:
         assert (world.alpha_projects()[project]["products"] == []) is ok
+        if ok:
+            assert response.json()["products"] == []
 
     return Call(path_params={"project": str(project), "env": "cat", "product": "payments"}, verify=verify)
 
@@ -414,6 +429,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ),
     ("GET", "/api/v1/projects"): Spec(everyone(200), plain(org="alpha"), ALPHA_SIDE),
     ("POST", "/api/v1/projects"): Spec(only(201, "alpha_developer", "bravo_developer"), _new_project),
+    ("GET", "/api/v1/projects/{project}"): Spec(only(200, *ALPHA_SIDE, others=404), _alpha_project),
     ("DELETE", "/api/v1/projects/{project}"): Spec(
         only(200, "alpha_developer", bravo_developer=404), _delete_alpha_project
     ),
@@ -959,7 +975,7 @@ def test_page_errors_are_pages_without_stack_traces(
     response = client.request(method, path, data=data if method == "POST" else None)
     assert response.status_code == status
     assert response.headers["content-type"].startswith("text/html")
-    assert says in response.text
+    assert says[:1].upper() + says[1:] in response.text  # a sentence on a page
     assert not TRACE.search(response.text), response.text[:1000]
 
 
@@ -1070,8 +1086,9 @@ def test_sign_in_keeps_a_local_next_page(server: PortalServer, redirect_user: st
 
 
 def test_a_one_time_password_opens_only_the_change_password_page(server: PortalServer) -> None:
-    """Operators hand out generated passwords: the first sign-in leads to choosing one's own,
-    and nothing else is reachable until then."""
+    """Operators hand out generated passwords: the first sign-in leads to choosing one's own —
+    the new one twice, not the one-time one again — and nothing else is reachable until then;
+    the session goes on afterwards, and only the new password signs in."""
     server.add_org("onetime")
     server.call(
         server.reg.add_user(
@@ -1086,30 +1103,31 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
         page = browser.get("/account/password")
         assert page.status_code == 200
         assert "one-time password" in page.text
+        assert 'name="current_password"' not in page.text  # it was just typed: not asked again
+        assert 'href="/security"' not in page.text  # no menu to pages that are not reachable yet
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
         assert csrf is not None
-        form = {"csrf_token": csrf.group(1), "current_password": PASSWORD}
+        form = {"csrf_token": csrf.group(1)}
         mismatch = browser.post(
             "/account/password",
             data={**form, "new_password": new_password, "confirm_password": new_password + "x"},
         )
         assert mismatch.status_code == 400
         assert "password_mismatch" in mismatch.text
-        wrong = browser.post(
-            "/account/password",
-            data={
-                **form,
-                "current_password": "not it at all",
-                "new_password": new_password,
-                "confirm_password": new_password,
-            },
+        same = browser.post(
+            "/account/password", data={**form, "new_password": PASSWORD, "confirm_password": PASSWORD}
         )
-        assert wrong.status_code == 400
+        assert same.status_code == 400
+        assert "not the one-time password" in same.text
         changed = browser.post(
             "/account/password", data={**form, "new_password": new_password, "confirm_password": new_password}
         )
         assert changed.status_code == 303
-        assert changed.headers["location"] == "/login"
+        assert changed.headers["location"] == "/"
+        assert browser.get("/security").status_code == 200  # still signed in, no longer held
+        # Now it is an ordinary password: changing it again needs the current one.
+        page = browser.get("/account/password")
+        assert 'name="current_password"' in page.text
     with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
         assert (
             browser.post("/login", data={"email": "new@onetime.test", "password": PASSWORD}).status_code
@@ -1119,4 +1137,4 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
             browser.post("/login", data={"email": "new@onetime.test", "password": new_password}).status_code
             == 303
         )
-        assert browser.get("/security").status_code == 200  # no longer held at the password page
+        assert browser.get("/security").status_code == 200

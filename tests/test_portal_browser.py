@@ -244,19 +244,39 @@ def test_add_certificates_by_drag_and_drop_and_by_browse(portal: PortalServer, n
     cells = row.locator("td")
     expect(cells.nth(0)).to_have_text("acme-cat-client")
     expect(cells.nth(1)).to_have_text("MTLS")
-    expect(cells.nth(2).locator("code")).to_have_text(fingerprint[:16] + "…")
+    # The whole fingerprint is in the page, shown cut to fit, and Copy puts all of it on the clipboard.
+    expect(cells.nth(2).locator("code")).to_have_text(fingerprint)
     expect(cells.nth(2).locator("code")).to_have_attribute("title", fingerprint)
+    shown = (
+        cells.nth(2)
+        .locator("code")
+        .evaluate("e => [e.scrollWidth > e.clientWidth, getComputedStyle(e).textOverflow]")
+    )
+    assert shown == [True, "ellipsis"]
+    tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    copy = cells.nth(2).get_by_role("button", name="Copy the SHA-256 fingerprint of acme-cat-client (MTLS)")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == fingerprint
     days = certs.days_left(mtls.not_valid_after_utc)
     expect(cells.nth(3)).to_contain_text(f"({days} days left)")
     expect(cells.nth(3)).not_to_have_class(re.compile(r"\bwarn\b"))
     expect(cells.nth(4)).to_contain_text(security)
 
-    # Browse (the file input) as Digital Signature.
+    # Browse as Digital Signature: the "browse" link opens the file chooser; the browser's raw
+    # "Choose File / No file chosen" control is not shown beside it.
     signing = self_signed("acme-signing", usage="signature")
     open_add_dialog(page)
     page.get_by_label("Certificate use").select_option(label="Digital Signature")
-    page.set_input_files(
-        "#file", files=[{"name": "signing.crt", "mimeType": "application/x-pem-file", "buffer": pem(signing)}]
+    box = page.locator("#file").bounding_box()
+    assert box is not None
+    assert box["width"] <= 1, box
+    assert box["height"] <= 1, box
+    expect(page.locator("#add-dialog")).not_to_contain_text("No file chosen")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#dropzone").get_by_text("browse", exact=True).click()
+    chooser.value.set_files(
+        files=[{"name": "signing.crt", "mimeType": "application/x-pem-file", "buffer": pem(signing)}]
     )
     expect(page.locator("#file-name")).to_have_text("Selected: signing.crt")
     assert submit_certificate(page).status == 303
@@ -283,12 +303,16 @@ def test_third_mtls_certificate_with_the_same_cn_is_refused(portal: PortalServer
     response = submit_certificate(page)
     assert response.status == 409
     tab.expected_problem(r"status of 409")
-    message = "at most two mTLS certificates may share the Common Name 'acme-shared-cn'"
-    expect(page.locator("main > .notice.err")).to_contain_text(message)
-    # The dialog opens again with the message, so the user sees why and can pick another file.
+    message = "At most two mTLS certificates may share the Common Name 'acme-shared-cn'"
+    # The dialog opens again with the message, so the user sees why and can pick another file —
+    # said once, there: not in a page banner behind it too; a sentence, without the raw code.
     dialog = page.get_by_role("dialog", name="Add certificate")
     expect(dialog).to_be_visible()
     expect(dialog).to_have_accessible_description(re.compile(re.escape(message)))
+    expect(page.locator("#add-error")).to_have_text(re.compile("^" + re.escape(message)))
+    expect(page.locator("main > .notice.err")).to_have_count(0)
+    expect(page.locator("body")).not_to_contain_text("mtls_cn_limit")
+    expect(page.locator("body")).not_to_contain_text("cn_limit")
     expect(rows(page)).to_have_count(2)
     assert len(portal.certificates("acme", "cat")) == 2
 
@@ -308,8 +332,11 @@ def test_private_key_upload_is_refused_and_nothing_is_added(portal: PortalServer
     response = submit_certificate(page)
     assert response.status == 400
     tab.expected_problem(r"status of 400")
-    expect(page.locator("main > .notice.err")).to_contain_text("treat this key as exposed")
-    expect(page.locator("main > .notice.err")).to_contain_text("Nothing was stored")
+    expect(page.locator("#add-error")).to_contain_text("treat this key as exposed")
+    expect(page.locator("#add-error")).to_contain_text("Nothing was stored")
+    expect(page.locator("#add-error")).to_have_text(re.compile("^This file contains a PRIVATE KEY"))
+    expect(page.locator("main > .notice.err")).to_have_count(0)
+    expect(page.locator("body")).not_to_contain_text("private_key_uploaded")
     expect(page.locator("#no-certificates")).to_be_visible()
     assert portal.all_certificates() == []
     assert portal.audit_count() == audit_before
@@ -351,13 +378,15 @@ def test_developer_sees_the_list_but_cannot_change_it(portal: PortalServer, new_
     )
     tab.expected_problem(r"status of 403")
     assert forged[0] == 403, forged[1][:300]
-    assert "only users with the API Security role may add certificates" in forged[1]
+    assert "Only users with the API Security role may add certificates" in forged[1]
     assert forged[2] == 403, forged[3][:300]
-    assert "only users with the API Security role may remove certificates" in forged[3]
+    assert "Only users with the API Security role may remove certificates" in forged[3]
     assert [c["fingerprint"] for c in portal.certificates("acme")] == [certs.fingerprint_sha256(existing)]
 
 
-def test_remove_asks_for_confirmation(portal: PortalServer, new_tab: NewTab) -> None:
+def test_remove_asks_for_confirmation_in_the_portals_own_dialog(
+    portal: PortalServer, new_tab: NewTab
+) -> None:
     security, _ = org_with_users(portal, "acme")
     who = portal.principal(security)
     keep, drop = self_signed("acme-keep"), self_signed("acme-drop")
@@ -367,31 +396,45 @@ def test_remove_asks_for_confirmation(portal: PortalServer, new_tab: NewTab) -> 
     page = tab.page
     sign_in(tab, security)
     expect(rows(page)).to_have_count(2)
-    questions: list[str] = []
+    native: list[str] = []
 
-    def dismiss(dialog: Dialog) -> None:
-        questions.append(dialog.message)
+    def dismiss(dialog: Dialog) -> None:  # the browser's confirm box must not be used
+        native.append(dialog.message)
         dialog.dismiss()
 
+    page.on("dialog", dismiss)
     posted: list[str] = []
     page.on("request", lambda request: posted.append(request.url) if request.method == "POST" else None)
-    page.once("dialog", dismiss)
     row_for(page, drop).get_by_role("button", name="Remove acme-drop (MTLS)").click()
+    confirm = page.get_by_role("dialog", name="Remove acme-drop?")
+    expect(confirm).to_be_visible()
+    expect(confirm).to_contain_text(
+        f"Calls using the MTLS certificate acme-drop ({certs.fingerprint_sha256(drop)[:16]}…) will be refused at once."
+    )
+    expect(confirm.get_by_role("button", name="Cancel")).to_be_focused()  # the safe choice first
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(confirm).to_be_hidden()
     page.wait_for_timeout(300)  # a submission, had there been one, would be under way by now
-    assert questions == ["Remove the MTLS certificate acme-drop? Calls using it will be refused at once."]
-    assert posted == [], "dismissing the confirmation must not submit the form"
+    assert posted == [], "cancelling the confirmation must not submit the form"
+    row_for(page, drop).get_by_role("button", name="Remove acme-drop (MTLS)").click()
+    expect(confirm).to_be_visible()
+    page.keyboard.press("Escape")  # Escape cancels too
+    expect(confirm).to_be_hidden()
+    page.wait_for_timeout(300)
+    assert posted == []
     expect(rows(page)).to_have_count(2)
     assert len(portal.certificates("acme")) == 2
 
-    page.once("dialog", lambda dialog: dialog.accept())
+    row_for(page, drop).get_by_role("button", name="Remove acme-drop (MTLS)").click()
     with page.expect_response(lambda r: r.url.endswith("/security/certificates/remove")) as info:
-        row_for(page, drop).get_by_role("button", name="Remove acme-drop (MTLS)").click()
+        confirm.get_by_role("button", name="Remove").click()
     assert info.value.status == 303
     page.wait_for_load_state()
     expect(page.get_by_role("status")).to_have_text("Removed certificate acme-drop")
     expect(row_for(page, drop)).to_have_count(0)
     expect(row_for(page, keep)).to_have_count(1)
     assert [c["common_name"] for c in portal.certificates("acme")] == ["acme-keep"]
+    assert native == []
 
 
 def test_expiry_under_30_days_is_highlighted(portal: PortalServer, new_tab: NewTab) -> None:
@@ -415,24 +458,51 @@ def test_expiry_under_30_days_is_highlighted(portal: PortalServer, new_tab: NewT
 
 
 def test_pages_fit_a_narrow_screen(portal: PortalServer, new_tab: NewTab) -> None:
-    """On a phone-sized viewport the page does not scroll sideways: wide tables scroll inside
-    their own (keyboard-focusable) region."""
+    """At 420 px wide no page scrolls sideways, and the certificates and tokens become cards:
+    every Remove and Revoke button is on screen, the fingerprint with its Copy button."""
     security, _ = org_with_users(portal, "acme")
     who = portal.principal(security)
     portal.register(who, "cat", "mtls", self_signed("acme-a-rather-long-common-name.payments.example.com"))
     portal.register(who, "cat", "signature", self_signed("acme-signing", usage="signature"))
+    portal.call(portal.reg.create_token(who, "ci"))
     tab = new_tab()
     page = tab.page
-    page.set_viewport_size({"width": 400, "height": 800})
+    page.set_viewport_size({"width": 420, "height": 800})
     sign_in(tab, security)
-    for path in ("/security", "/projects", "/audit", "/tokens"):
+    for path in ("/security", "/projects", "/audit", "/tokens", "/account/password"):
         page.goto(path)
         sizes = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         assert sizes[0] <= sizes[1], f"{path} scrolls sideways: {sizes}"
+
+    def on_screen(locator: Locator) -> None:
+        expect(locator).to_be_visible()
+        box = locator.bounding_box()
+        assert box is not None
+        assert box["x"] >= 0, box
+        assert box["x"] + box["width"] <= 420, box
+
     page.goto("/security")
-    region = page.get_by_role("region", name="Certificates in Client Testing")
-    expect(region).to_have_attribute("tabindex", "0")
-    assert region.evaluate("e => e.scrollWidth > e.clientWidth"), "the table should scroll inside its region"
+    for button in page.get_by_role("button", name=re.compile(r"^Remove ")).all():
+        on_screen(button)
+    for button in page.get_by_role("button", name=re.compile(r"^Copy the SHA-256 fingerprint")).all():
+        on_screen(button)
+    page.goto("/tokens")
+    for button in page.get_by_role("button", name=re.compile(r"^Revoke token")).all():
+        on_screen(button)
+
+
+def test_the_header_stays_on_one_line_at_1280_px(portal: PortalServer, new_tab: NewTab) -> None:
+    """An operator's header (the most links) on the password page, and an organisation user's."""
+    portal.add_user("operations.team@platform-operations.test", org=None, roles="operator")
+    security, _ = org_with_users(portal, "acme")
+    for email in ("operations.team@platform-operations.test", security):
+        tab = new_tab()
+        tab.page.set_viewport_size({"width": 1280, "height": 800})
+        sign_in(tab, email)
+        tab.page.goto("/account/password")
+        height = tab.page.locator("header.top").evaluate("e => e.getBoundingClientRect().height")
+        brand = tab.page.locator("header.top .brand").evaluate("e => e.getBoundingClientRect().height")
+        assert height < brand * 2.5, f"the header wraps for {email}: {height}px high"
 
 
 def test_sign_out(portal: PortalServer, new_tab: NewTab) -> None:
@@ -456,13 +526,13 @@ def test_login_is_rate_limited(portal: PortalServer, new_tab: NewTab) -> None:
     for _ in range(5):
         response = sign_in(tab, security, password="wrong password!")
         assert response.status == 401
-        expect(page.locator("main > .notice.err")).to_contain_text("wrong email or password")
+        expect(page.locator("main > .notice.err")).to_contain_text("Wrong email or password")
         expect(page.get_by_label("Email")).to_have_value(security)
     # The sixth attempt is refused before the password is even checked — the right one too.
     response = sign_in(tab, security, password=PASSWORD)
     assert response.status == 429
     assert int(response.headers["retry-after"]) > 0
-    expect(page.locator("main > .notice.err")).to_contain_text("too many failed sign-ins")
+    expect(page.locator("main > .notice.err")).to_contain_text("Too many failed sign-ins")
     expect(page).to_have_url(re.compile(r"/login$"))
     assert not [c for c in tab.context.cookies() if c["name"] == "twofold_session"]
     tab.expected_problem(r"status of (401|429)")
@@ -488,7 +558,7 @@ def test_another_site_cannot_sign_a_visitor_in(portal: PortalServer, new_tab: Ne
     with page.expect_response(lambda r: r.url.endswith("/login") and r.request.method == "POST") as info:
         page.get_by_role("button", name="win a prize").click()
     assert info.value.status == 403
-    expect(page.locator("main > .notice.err")).to_contain_text("sign in from the portal's own sign-in page")
+    expect(page.locator("main > .notice.err")).to_contain_text("Sign in from the portal's own sign-in page")
     tab.expected_problem(r"status of 403")
     assert not [c for c in tab.context.cookies() if c["name"] == "twofold_session"]
     # The portal's own form still works in the same browser.
@@ -526,11 +596,15 @@ def test_operator_creates_an_organisation_and_a_user(portal: PortalServer, new_t
     assert sign_in(other, "hank@globex.test", password="a long enough password").status == 303
     expect(other.page).to_have_url(re.compile(r"/account/password$"))
     expect(other.page.locator("#one-time-note")).to_be_visible()
-    other.page.get_by_label("Current password").fill("a long enough password")
+    expect(other.page.get_by_label("Current password")).to_have_count(0)  # just typed: not asked again
+    expect(other.page.get_by_role("navigation", name="Main")).to_have_count(0)  # nothing to go to yet
     other.page.get_by_label("New password (10 or more characters)").fill("hank's very own secret")
     other.page.get_by_label("New password again").fill("hank's very own secret")
-    other.page.get_by_role("button", name="Change password").click()
-    expect(other.page.get_by_role("status")).to_have_text("Password changed; sign in with the new one")
+    other.page.get_by_role("button", name="Set password").click()
+    # Still signed in: straight on to the Security page.
+    expect(other.page.get_by_role("status")).to_have_text("Your password is set. Welcome!")
+    expect(other.page.get_by_role("button", name="Add Security")).to_be_visible()
+    other.context.clear_cookies()
     assert sign_in(other, "hank@globex.test", password="hank's very own secret").status == 303
     expect(other.page.get_by_role("button", name="Add Security")).to_be_visible()
 
@@ -538,7 +612,7 @@ def test_operator_creates_an_organisation_and_a_user(portal: PortalServer, new_t
     page.get_by_role("link", name="Organisations").click()
     page.get_by_label("Id").fill("globex")
     page.get_by_role("button", name="Create organisation").click()
-    expect(page.locator("main > .notice.err")).to_contain_text("organisation globex already exists")
+    expect(page.locator("main > .notice.err")).to_contain_text("Organisation globex already exists")
     tab.expected_problem(r"status of 409")
 
 

@@ -130,6 +130,17 @@ def test_the_admin_commands_for_keys_and_product_protection(tmp_path: Path) -> N
             [TWOFOLD, "admin", *args, "--data", str(data)], capture_output=True, text=True, timeout=60
         )
 
+    key = ProviderKey.load_or_create(tmp_path / "k.key")
+
+    async def create_and_publish() -> None:  # what `twofold serve` does at its first start
+        registry = await Registry.open(str(data / "twofold.db"))
+        try:
+            await registry.publish_signing_key("responses", key.jwk)
+        finally:
+            await registry.close()
+
+    data.mkdir()
+    asyncio.run(create_and_publish())
     saved = admin(
         "product", "add", "payments", "--name", "Payments", "--path", "/p", "--upstream", "sandbox:payments"
     )
@@ -163,16 +174,6 @@ def test_the_admin_commands_for_keys_and_product_protection(tmp_path: Path) -> N
     assert nothing.returncode == 2
     assert "say what to change" in nothing.stderr
 
-    key = ProviderKey.load_or_create(tmp_path / "k.key")
-
-    async def publish() -> None:
-        registry = await Registry.open(str(data / "twofold.db"))
-        try:
-            await registry.publish_signing_key("responses", key.jwk)
-        finally:
-            await registry.close()
-
-    asyncio.run(publish())
     shown = admin("signing-key", "list")
     assert key.kid in shown.stdout
     assert "responses" in shown.stdout

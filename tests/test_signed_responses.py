@@ -69,7 +69,7 @@ def client(world: World, **options: Any) -> twofold.Client:
 
 def test_the_readme_pyjwt_snippet_verifies_a_signed_response(world: World) -> None:
     text = README.read_text()
-    snippet = re.search(r"<!-- pyjwt-response-snippet -->\n```python\n(.*?)```", text, re.S)
+    snippet = re.search(r"<!-- pyjwt-response-snippet -->\n```\n(.*?)```", text, re.S)
     assert snippet is not None, "the README's PyJWT snippet"
     acme = world.orgs["acme"].mtls
     code = (

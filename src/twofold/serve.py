@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import gc
 import logging
 import multiprocessing
@@ -22,7 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography import x509
+from sqlalchemy.exc import DBAPIError
 
+from twofold import running
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
@@ -38,7 +41,7 @@ from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
 from twofold.provider_keys import ProviderKey
 from twofold.registry.auth import SYSTEM, new_password
-from twofold.registry.db import redact
+from twofold.registry.db import check_sqlite_location, database_failure, redact
 from twofold.registry.service import Registry
 from twofold.tls import server_context
 
@@ -156,6 +159,8 @@ class ServeConfig:
                 raw = tomllib.loads(Path(path).read_text())
             except FileNotFoundError:
                 raise UsageError(f"the configuration file {path} does not exist") from None
+            except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+                raise UsageError(f"the configuration file {path} cannot be read: {exc}") from None
             except tomllib.TOMLDecodeError as exc:
                 raise UsageError(f"{path} is not valid TOML: {exc}") from None
             known = {f.name for f in fields(cls)}
@@ -165,11 +170,63 @@ class ServeConfig:
                     f"{path}: unknown settings {', '.join(sorted(unknown))}; known: "
                     f"{', '.join(sorted(known))}"
                 )
+            _check_settings(path, raw)
             values.update(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data" in values:
             values["data"] = Path(values["data"])
         return replace(cls(), **values)
+
+
+_PORT = (1, 65535)
+_SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]] = {
+    "data": (str, None),
+    "db": (str, None),
+    "host": (str, None),
+    "admin_host": (str, None),
+    "portal_port": (int, _PORT),
+    "admin_port": (int, _PORT),
+    "workers": (int, (1, 64)),
+    "max_body": (int, (1, 1 << 30)),
+    "upstream_timeout": ((int, float), (0.001, 3600)),
+    "access_log": (bool, None),
+    # the connection limits: __post_init__ checks they are positive
+    "header_timeout": ((int, float), None),
+    "body_timeout": ((int, float), None),
+    "idle_timeout": ((int, float), None),
+    "max_connections": (int, None),
+    "issuing_ca": (dict, None),
+    "local_issuing_ca": (bool, None),
+    "notice_interval": ((int, float), (0.001, 30 * 86400)),
+    "registry_grace": ((int, float), (0.001, 30 * 86400)),
+    "replay_durable": (bool, None),
+}
+
+
+def _check_settings(path: str, raw: dict[str, Any]) -> None:
+    """Each setting of a TOML file has the type (and range) of its command-line option."""
+    for name, value in raw.items():
+        if name == "ports":
+            if not isinstance(value, dict) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and _PORT[0] <= p <= _PORT[1]
+                for p in value.values()
+            ):
+                raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
+            continue
+        kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs, files)
+        wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
+        if not wrong and bounds is not None and not bounds[0] <= value <= bounds[1]:
+            wrong = True
+        if wrong:
+            names: dict[object, str] = {
+                str: "a string",
+                int: "a whole number",
+                bool: "true or false",
+                dict: "a table",
+            }
+            expected = names.get(kind, "a number")
+            limits = f" from {bounds[0]:g} to {bounds[1]:g}" if bounds else ""
+            raise UsageError(f"{path}: {name} must be {expected}{limits}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -312,10 +369,27 @@ async def _gateway_listeners(
         port = config.ports.get(env["id"], env["gateway_port"])
         if not port:
             continue
-        listeners.append(
-            await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
-        )
+        try:
+            listeners.append(
+                await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
+            )
+        except OSError as exc:
+            for listener in listeners:
+                await close_listener(listener)
+            raise cannot_listen(exc, f"the {env['id']} gateway", config.host, port) from None
     return listeners
+
+
+def cannot_listen(exc: OSError, what: str, host: str, port: int) -> UsageError:
+    """A port that cannot be bound, said in one line with what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the port is in use (another twofold serve, or another program)"
+    return UsageError(
+        f"cannot listen on {host}:{port} for {what}: {reason}. Stop what holds it, or choose other "
+        "ports: --portal-port, --admin-port, or portal_port / admin_port / a [ports] table in --config",
+        code="port_unavailable",
+    )
 
 
 async def _wait_for_signal() -> None:
@@ -364,15 +438,20 @@ class _GatewayProcess:
             ),
         )
         await gateway.start()
-        envs = await registry.list_environments()
-        listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+        try:
+            envs = await registry.list_environments()
+            listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+        except BaseException:
+            await gateway.stop()
+            raise
         admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
         await admin.setup()
         try:
             await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
         except OSError as exc:
             if index == 0:
-                raise
+                await cls(gateway, listeners, admin).stop()
+                raise cannot_listen(exc, "health and metrics", config.admin_host, config.admin_port) from None
             # An extra worker still serves traffic without its own metrics listener.
             log.warning(
                 "gateway process %d: admin port %d unavailable (%s); no metrics from this process",
@@ -395,22 +474,28 @@ async def run(
     *,
     ready: Callable[[dict[str, Any]], None] | None = None,
     stop: asyncio.Event | None = None,
+    register: bool = False,
 ) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop``)."""
+    """Run until SIGINT/SIGTERM (or ``stop``). With ``register`` the serve says where it is
+    (data directory, ports, CA) in the user's runtime directory while it runs, for commands
+    run from elsewhere (:mod:`twofold.running`)."""
     nofile = raise_nofile_limit()
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
     issuing = config.issuing_files()  # so does an issuing CA setting
-    if not config.data.exists():
-        config.data.mkdir(parents=True, mode=0o700)  # keys, database: for this account only
-    tls = local_tls(config.data, announce)
+    _prepare_data(config.data)
+    check_sqlite_location(config.db_url)
     issuers = IssuingCAs(config.data, issuing)
     mailer = make_mailer(mail, config.data)
     if not mail.smtp:
         announce(
             f'no SMTP server configured: mail is written to {config.data / "outbox"}/ (smtp = "host:port" sends it)'
         )
-    registry = await Registry.open(config.db_url)
     try:
+        registry = await Registry.open(config.db_url)
+    except (DBAPIError, OSError) as exc:
+        raise database_failure(config.db_url, exc, "cannot open", code="database_unavailable") from None
+    try:
+        tls = local_tls(config.data, announce)
         await bootstrap(registry, announce)
         await sync_issuing_cas(registry, issuers, announce, create_local=config.local_issuing_ca)
         envs = await registry.list_environments()
@@ -458,7 +543,12 @@ async def run(
             limits=limits,
             ssl_context=server_context(tls.server_key, tls.server_cert, require_client_cert=False),
         )
-        await portal_site.start()
+        try:
+            await portal_site.start()
+        except OSError as exc:
+            await gateways.stop()
+            await portal.cleanup()
+            raise cannot_listen(exc, "the portal", config.host, config.portal_port) from None
         workers = [_spawn_worker(config, index) for index in range(1, config.workers)]
         facts = {
             "portal": f"https://localhost:{config.portal_port}",
@@ -471,6 +561,8 @@ async def run(
             "open_files": nofile,
             "max_connections": limits.max_connections,
         }
+        if register:
+            running.announce(_running(config, facts, tls))
         _settle_heap()
         if ready:
             ready(facts)
@@ -484,7 +576,40 @@ async def run(
         for process in workers:
             process.join(5)
     finally:
+        if register:
+            running.withdraw(os.getpid())
         await registry.close()
+
+
+def _prepare_data(data: Path) -> None:
+    """The data directory: created on first start (0700: keys and the database are for this
+    account only); anything else in its place is refused."""
+    if data.exists() and not data.is_dir():
+        raise UsageError(
+            f"the data directory {data} is a file; give a directory (--data, or data = in --config)"
+        )
+    if not data.exists():
+        try:
+            data.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot create the data directory {data}: {exc.strerror or exc}") from None
+
+
+def _running(config: ServeConfig, facts: dict[str, Any], tls: Credentials) -> running.RunningServe:
+    db, has_password = config.db, False
+    if db is not None and redact(db) != db:
+        db, has_password = None, True  # never written down: the reader is told to pass --db
+    elif db is not None and "://" not in db:
+        db = str(Path(db).resolve())
+    return running.RunningServe(
+        pid=os.getpid(),
+        data=config.data.resolve(),
+        portal=facts["portal"],
+        gateways=dict(facts["gateways"]),
+        ca=tls.ca_path.resolve(),
+        db=db,
+        db_has_password=has_password,
+    )
 
 
 def _spawn_worker(config: ServeConfig, index: int) -> multiprocessing.process.BaseProcess:
@@ -520,4 +645,4 @@ def serve(
 ) -> None:
     _install_uvloop()
     _configure_logging(config.access_log)
-    asyncio.run(run(config, announce, ready=ready))
+    asyncio.run(run(config, announce, ready=ready, register=True))

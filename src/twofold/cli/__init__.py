@@ -10,11 +10,13 @@ from twofold.cli._common import Group
 from twofold.cli.admin import admin
 from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
+from twofold.cli.demo import demo
 from twofold.cli.doctor import doctor
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
+from twofold.cli.portal_projects import project
 from twofold.cli.rotate import rotate
-from twofold.cli.serve import demo, serve_command
+from twofold.cli.serve import serve_command
 
 
 @click.group(
@@ -35,7 +37,7 @@ Provider side:
   serve    portal + gateway per environment + sandbox API, in one command
   demo     walk the whole flow against a running serve
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
-  portal   register certificates through the portal API (CI pipelines)
+  portal   certificates and projects through the portal API (CI pipelines)
   rotate   replace credentials with zero downtime (new key, register, probe, switch, remove old)
 
 \b
@@ -62,5 +64,6 @@ main.add_command(doctor)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
 main.add_command(admin)
+portal.add_command(project)
 main.add_command(portal)
 main.add_command(rotate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from twofold.crypto.keys import Passphrase
-from twofold.errors import ClientError, TwofoldError, UsageError
+from twofold.errors import ClientError, KeyLoadError, TwofoldError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,18 +48,41 @@ def exit_code_for(error: TwofoldError) -> int:
 def fail(error: TwofoldError, exit_code: int | None = None) -> NoReturn:
     if exit_code is None:
         exit_code = exit_code_for(error)
-    err.print(f"[bold red]error[/][dim]\\[{error.code}][/]: {escape(error.message)}", markup=True)
+    err.print(f"[bold red]error[/][dim]\\[{escape(error.code)}][/]: {escape(error.message)}", markup=True)
     sys.exit(exit_code)
 
 
+DEBUG_ENV = "TWOFOLD_DEBUG"
+INTERNAL_ERROR = "internal_error"
+
+
 class Group(click.Group):
-    """Turns TwofoldError into a one-line message and an exit code, never a traceback."""
+    """Turns TwofoldError into a one-line message and an exit code, never a traceback. An
+    exception nobody meant (a bug) is said in one line too, as ``internal_error``; with
+    TWOFOLD_DEBUG=1 its traceback is shown."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except TwofoldError as error:
             fail(error)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            fail(
+                TwofoldError(
+                    f"unexpected {type(exc).__name__}{': ' + first if first else ''}. This is a bug in "
+                    f"twofold: please report it (run again with {DEBUG_ENV}=1 to see where it happened)",
+                    code=INTERNAL_ERROR,
+                ),
+                EXIT_FAILURE,
+            )
 
 
 def examples(*lines: str) -> str:
@@ -99,9 +123,10 @@ def read_passphrase_file(path: str) -> bytes:
     return line
 
 
-def passphrase_source(file: str | None, env: str | None, label: str) -> Passphrase:
+def passphrase_source(file: str | None, env: str | None, label: str, prefix: str = "") -> Passphrase:
     """A passphrase callback: asked only if the key turns out to be encrypted. Order: file,
-    named env var, TWOFOLD_KEY_PASSPHRASE, then a prompt if a terminal is attached."""
+    named env var, TWOFOLD_KEY_PASSPHRASE, then a prompt if a terminal is attached; without
+    any, the refusal names the options (``prefix`` as in :func:`passphrase_options`)."""
 
     def ask() -> bytes | None:
         if file:
@@ -113,7 +138,12 @@ def passphrase_source(file: str | None, env: str | None, label: str) -> Passphra
             raise UsageError(f"the environment variable {env} is not set")
         if sys.stdin.isatty():
             return click.prompt(f"Passphrase for {label}", hide_input=True, err=True).encode()
-        return None
+        raise KeyLoadError(
+            f"the private key in {label or 'the key file'} is encrypted: give its passphrase with --{prefix}passphrase-file FILE, "
+            f"in the variable {PASSPHRASE_ENV}, or in a variable of your choice named by "
+            f"--{prefix}passphrase-env VAR (in a terminal, twofold asks for it)",
+            code="key_passphrase_required",
+        )
 
     return ask
 
@@ -156,10 +186,13 @@ def write_file(path: str | Path, data: bytes, *, secret: bool = False, force: bo
     target = Path(path)
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
     mode = 0o600 if secret else 0o644
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(target, flags, mode)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, flags, mode)
+    except OSError as exc:
+        raise cannot_write(target, exc) from None
     try:
         os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
         os.write(fd, data)
@@ -167,5 +200,48 @@ def write_file(path: str | Path, data: bytes, *, secret: bool = False, force: bo
         os.close(fd)
 
 
+def cannot_write(path: Path, exc: OSError) -> UsageError:
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return UsageError(f"cannot write {path}: {exc.strerror or exc}{where}", code="cannot_write")
+
+
+def make_directory(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+
+
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+def table(headers: list[str], rows: list[list[str]], *, empty: str) -> None:
+    """Columns with a header row, for people (``--json`` is for scripts); markup-free, so
+    names holding brackets print as they are."""
+    if not rows:
+        err.print(empty)
+        return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=False)).rstrip()
+
+    out.print(line(headers), style="bold", markup=False, highlight=False)
+    for row in rows:
+        out.print(line(row), markup=False, highlight=False)
+
+
+def self_command() -> str:
+    """How to run twofold again from here: ``twofold`` when that is on PATH as this very
+    program, else the path it was started by — ``.venv/bin/twofold`` on a fresh clone."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "twofold" or not argv0.is_file():
+        return "twofold"
+    on_path = shutil.which("twofold")
+    try:
+        if on_path and Path(on_path).resolve() == argv0.resolve():
+            return "twofold"
+        return str(argv0.absolute().relative_to(Path.cwd()))
+    except (OSError, ValueError):
+        return str(argv0.absolute())

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -16,43 +13,12 @@ from twofold.cli._common import (
     out,
     print_json,
     read_passphrase_file,
+    table,
 )
+from twofold.cli._registry import db_options, with_registry
 from twofold.errors import UsageError
 from twofold.registry.auth import ROLES, SYSTEM, new_password
 from twofold.registry.service import Registry
-
-T = TypeVar("T")
-
-
-def db_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option(
-        "--db",
-        envvar="TWOFOLD_DB",
-        help="Registry database URL (default: SQLite in --data; "
-        "postgresql://… works the same). Env: TWOFOLD_DB.",
-    )(fn)
-    return click.option(
-        "--data",
-        default="data",
-        show_default=True,
-        envvar="TWOFOLD_DATA",
-        help="Data directory of `twofold serve`.",
-    )(fn)
-
-
-def _url(data: str, db: str | None) -> str:
-    return db or str(Path(data) / "twofold.db")
-
-
-def with_registry(data: str, db: str | None, work: Callable[[Registry], Awaitable[T]]) -> T:
-    async def main() -> T:
-        registry = await Registry.open(_url(data, db))
-        try:
-            return await work(registry)
-        finally:
-            await registry.close()
-
-    return asyncio.run(main())
 
 
 @click.group(
@@ -84,9 +50,34 @@ def org() -> None:
 @click.option("--name", help="Display name (default: the id).")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | None) -> None:
+def org_add(slug: str, name: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     row = with_registry(data, db, lambda r: r.add_org(SYSTEM, slug, name))
     print_json(row) if as_json else err.print(f"created organisation {row['slug']} ({row['name']})")
+
+
+@org.command(
+    "rm",
+    help="Delete an organisation with its users, tokens and projects. It must have no active "
+    "certificate; --remove-certificates removes them first (gateways refuse them at once). The audit "
+    "log keeps its history." + examples("twofold admin org rm demo-3f2a1c --remove-certificates"),
+)
+@click.argument("slug")
+@click.option("--remove-certificates", is_flag=True, help="Remove its active certificates first.")
+@db_options
+def org_rm(slug: str, remove_certificates: bool, data: str | None, db: str | None) -> None:
+    async def work(registry: Registry) -> tuple[dict[str, Any], int]:
+        removed = 0
+        if remove_certificates:
+            for row in await registry.list_certificates(SYSTEM, None, org=slug):
+                await registry.remove_certificate(SYSTEM, row["environment"], row["fingerprint"])
+                removed += 1
+        return await registry.delete_org(SYSTEM, slug), removed
+
+    row, removed = with_registry(data, db, work)
+    certificates = f", after removing {removed} certificate(s)" if removed else ""
+    err.print(
+        f"deleted organisation {row['slug']} ({row['name']}) and its {row['users']} user(s){certificates}"
+    )
 
 
 @org.command(
@@ -102,7 +93,7 @@ def org_add(slug: str, name: str | None, as_json: bool, data: str, db: str | Non
 @click.argument("url", required=False)
 @click.option("--off", is_flag=True, help="Send no webhook notices to this organisation.")
 @db_options
-def org_webhook(slug: str, url: str | None, off: bool, data: str, db: str | None) -> None:
+def org_webhook(slug: str, url: str | None, off: bool, data: str | None, db: str | None) -> None:
     if bool(url) == off:
         raise UsageError("give the webhook URL, or --off")
     row = with_registry(data, db, lambda r: r.set_notice_webhook(SYSTEM, slug, None if off else url))
@@ -115,13 +106,14 @@ def org_webhook(slug: str, url: str | None, off: bool, data: str, db: str | None
 @org.command("list", help="List organisations.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def org_list(as_json: bool, data: str, db: str | None) -> None:
+def org_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_orgs(SYSTEM))
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        out.print(f"{row['slug']:<24} {row['name']}")
+    table(
+        ["ORGANISATION", "NAME"], [[row["slug"], row["name"]] for row in rows], empty="no organisations yet"
+    )
 
 
 # --- users and tokens ------------------------------------------------------------------------
@@ -155,7 +147,7 @@ def user_add(
     roles: tuple[str, ...],
     password_file: str | None,
     as_json: bool,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
     generated = None if password_file else new_password()
@@ -182,13 +174,24 @@ def user_add(
 @click.option("--org", "org_slug")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+def user_list(org_slug: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_users(SYSTEM, org_slug))
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        out.print(f"{row['email']:<36} {row['organisation'] or '-':<16} {', '.join(row['role_labels'])}")
+    table(
+        ["EMAIL", "ORGANISATION", "ROLES", "ACTIVE"],
+        [
+            [
+                row["email"],
+                row["organisation"] or "-",
+                ", ".join(row["role_labels"]),
+                "yes" if row["active"] else "no",
+            ]
+            for row in rows
+        ],
+        empty="no users",
+    )
 
 
 @user.command("password", help="Set a user's password: ends their sessions and revokes their API tokens.")
@@ -199,7 +202,7 @@ def user_list(org_slug: str | None, as_json: bool, data: str, db: str | None) ->
     help="Without it, a new one-time password is generated and printed.",
 )
 @db_options
-def user_password(email: str, password_file: str | None, data: str, db: str | None) -> None:
+def user_password(email: str, password_file: str | None, data: str | None, db: str | None) -> None:
     password = read_passphrase_file(password_file).decode() if password_file else new_password()
     with_registry(data, db, lambda r: r.set_password(SYSTEM, email, password, one_time=not password_file))
     err.print(f"password of {email} changed")
@@ -210,7 +213,7 @@ def user_password(email: str, password_file: str | None, data: str, db: str | No
 @user.command("deactivate", help="Take access away: sessions end and API tokens are revoked at once.")
 @click.option("--email", required=True)
 @db_options
-def user_deactivate(email: str, data: str, db: str | None) -> None:
+def user_deactivate(email: str, data: str | None, db: str | None) -> None:
     with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=False))
     err.print(f"deactivated {email}: signed out everywhere, API tokens revoked")
 
@@ -218,7 +221,7 @@ def user_deactivate(email: str, data: str, db: str | None) -> None:
 @user.command("activate", help="Give a deactivated user sign-in back (their old tokens stay revoked).")
 @click.option("--email", required=True)
 @db_options
-def user_activate(email: str, data: str, db: str | None) -> None:
+def user_activate(email: str, data: str | None, db: str | None) -> None:
     with_registry(data, db, lambda r: r.set_active(SYSTEM, email, active=True))
     err.print(f"activated {email}")
 
@@ -231,7 +234,7 @@ def token() -> None:
 @token.command("revoke", help="Revoke every API token of a user.")
 @click.option("--email", required=True)
 @db_options
-def token_revoke(email: str, data: str, db: str | None) -> None:
+def token_revoke(email: str, data: str | None, db: str | None) -> None:
     count = with_registry(data, db, lambda r: r.revoke_user_tokens(SYSTEM, email))
     err.print(f"revoked {count} token(s) of {email}")
 
@@ -244,7 +247,7 @@ def token_revoke(email: str, data: str, db: str | None) -> None:
 @click.option("--email", required=True)
 @click.option("--name", default="cli", show_default=True)
 @db_options
-def token_new(email: str, name: str, data: str, db: str | None) -> None:
+def token_new(email: str, name: str, data: str | None, db: str | None) -> None:
     click.echo(with_registry(data, db, lambda r: r.create_token(SYSTEM, name, for_email=email)))
 
 
@@ -266,7 +269,7 @@ def audit() -> None:
 @click.option("--expect-head", help="The head hash recorded earlier.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def audit_verify(expect_head: str | None, as_json: bool, data: str, db: str | None) -> None:
+def audit_verify(expect_head: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     report = with_registry(data, db, lambda r: r.verify_audit(expect_head))
     if as_json:
         print_json(report.to_dict())
@@ -280,19 +283,28 @@ def audit_verify(expect_head: str | None, as_json: bool, data: str, db: str | No
 
 
 @audit.command("log", help="Show recent audit entries.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--org", "org_slug")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def audit_log(limit: int, org_slug: str | None, as_json: bool, data: str, db: str | None) -> None:
+def audit_log(limit: int, org_slug: str | None, as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.audit_entries(SYSTEM, limit=limit, org=org_slug))
     if as_json:
         print_json(rows)
         return
-    for row in reversed(rows):
-        out.print(
-            f"{row['at'][:19]} {row['actor']:<28} {row['action']:<22} {row['object_type']} {row['object_id'][:24]}"
-        )
+    table(
+        ["TIME (UTC)", "ACTOR", "ACTION", "OBJECT"],
+        [
+            [
+                row["at"][:19].replace("T", " "),
+                row["actor"],
+                row["action"],
+                f"{row['object_type']} {row['object_id'][:24]}",
+            ]
+            for row in reversed(rows)
+        ],
+        empty="no audit entries",
+    )
 
 
 __all__ = ["admin"]

@@ -12,19 +12,20 @@ import click
 from twofold.cli._common import (
     err,
     examples,
-    out,
     passphrase_options,
     passphrase_source,
     print_json,
     read_file,
+    table,
 )
-from twofold.cli.admin import admin, db_options, with_registry
+from twofold.cli._registry import DEFAULT_DATA, db_options, with_registry
+from twofold.cli.admin import admin
 from twofold.crypto import certs
 from twofold.errors import UsageError
 from twofold.issuing import IssuingCAs, load_for_install
 from twofold.registry.auth import SYSTEM
 from twofold.registry.catalogue import MAX_REPLAY_WINDOW
-from twofold.registry.service import SIGNATURE_POLICIES
+from twofold.registry.service import SIGNATURE_POLICIES, Registry
 
 # --- products and environments -----------------------------------------------------------------
 
@@ -103,7 +104,7 @@ def product_add(
     replay_id: str | None,
     sign_responses: bool | None,
     as_json: bool,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
     row = with_registry(
@@ -146,7 +147,7 @@ def product_set(
     replay_id: str | None,
     sign_responses: bool | None,
     as_json: bool,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
     if replay_window is None and replay_iat is None and replay_id is None and sign_responses is None:
@@ -180,18 +181,25 @@ def _protection_text(row: dict[str, Any]) -> str:
 @product.command("list", help="List API products.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def product_list(as_json: bool, data: str, db: str | None) -> None:
+def product_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_products())
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        extras = _protection_text(row) if row["replay_window"] or row["sign_responses"] else ""
-        out.print(
-            f"{row['id']:<16} {row['path_prefix']:<28} {row['signature']:<9} {row['upstream']}"
-            + (f"  [{extras}]" if extras else ""),
-            markup=False,
-        )
+    table(
+        ["PRODUCT", "PATH", "SIGNATURE", "UPSTREAM", "PROTECTION"],
+        [
+            [
+                row["id"],
+                row["path_prefix"],
+                row["signature"],
+                row["upstream"],
+                _protection_text(row) if row["replay_window"] or row["sign_responses"] else "-",
+            ]
+            for row in rows
+        ],
+        empty="no API products",
+    )
 
 
 @admin.group(
@@ -206,16 +214,26 @@ def signing_key() -> None:
 @signing_key.command("list", help="List published signing keys.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def signing_key_list(as_json: bool, data: str, db: str | None) -> None:
+def signing_key_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_signing_keys(SYSTEM))
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        state = (
-            f"retired {row['retired_at'][:10]}" if row["retired_at"] else f"seen {row['last_seen_at'][:16]}"
-        )
-        out.print(f"{row['kid']}  {row['purpose']:<9} {row['alg']:<6} {state}", markup=False)
+    table(
+        ["KID", "PURPOSE", "ALG", "STATE"],
+        [
+            [
+                row["kid"],
+                row["purpose"],
+                row["alg"],
+                f"retired {row['retired_at'][:10]}"
+                if row["retired_at"]
+                else f"seen {row['last_seen_at'][:16]}",
+            ]
+            for row in rows
+        ],
+        empty="no signing keys published yet (portal and gateways publish theirs when they start)",
+    )
 
 
 @signing_key.command(
@@ -225,7 +243,7 @@ def signing_key_list(as_json: bool, data: str, db: str | None) -> None:
 )
 @click.argument("kid")
 @db_options
-def signing_key_retire(kid: str, data: str, db: str | None) -> None:
+def signing_key_retire(kid: str, data: str | None, db: str | None) -> None:
     with_registry(data, db, lambda r: r.retire_signing_key(SYSTEM, kid))
     err.print(f"retired signing key {kid}")
 
@@ -278,28 +296,34 @@ def env_set(
     max_validity_days: int | None,
     issuing_ca_passphrase_file: str | None,
     issuing_ca_passphrase_env: str | None,
-    data: str,
+    data: str | None,
     db: str | None,
 ) -> None:
-    ca_pem = read_file(ca_file, "the CA file").decode("ascii", "replace") if ca_file else None
+    ca_pem = None
+    if ca_file:
+        ca_bytes = read_file(ca_file, "the CA file")
+        certs.load_certificates(ca_bytes, name=ca_file)  # says what the file is, if not certificates
+        ca_pem = ca_bytes.decode("ascii", "replace")
     if bool(issuing_ca_key) != bool(issuing_ca_cert):
         raise UsageError("give both --issuing-ca-key and --issuing-ca-cert")
     if issuing_ca_key and no_issuing_ca:
         raise UsageError("--no-issuing-ca and --issuing-ca-key contradict each other")
     issuing_pem: str | None = "" if no_issuing_ca else None
-    installed = None
+    issuer = None
     if issuing_ca_key and issuing_ca_cert:
         issuer = load_for_install(
             issuing_ca_key,
             issuing_ca_cert,
             passphrase_source(issuing_ca_passphrase_file, issuing_ca_passphrase_env, issuing_ca_key),
         )
-        installed = IssuingCAs(Path(data)).install(env_id, issuer)
         issuing_pem = certs.certificate_pem(issuer.certificate).decode()
-    row = with_registry(
-        data,
-        db,
-        lambda r: r.save_environment(
+    installed = None
+
+    async def work(registry: Registry) -> dict[str, Any]:
+        nonlocal installed
+        if issuer is not None:  # into the serve's data directory, once its registry is found there
+            installed = IssuingCAs(Path(data or DEFAULT_DATA)).install(env_id, issuer)
+        return await registry.save_environment(
             SYSTEM,
             env_id,
             name=name,
@@ -308,8 +332,9 @@ def env_set(
             gateway_port=port,
             issuing_ca_pem=issuing_pem,
             max_validity_days=max_validity_days,
-        ),
-    )
+        )
+
+    row = with_registry(data, db, work)
     err.print(f"saved environment {row['id']} ({row['name']})")
     if installed is not None:
         err.print(
@@ -323,14 +348,22 @@ def env_set(
 @env.command("list", help="List environments.")
 @click.option("--json", "as_json", is_flag=True)
 @db_options
-def env_list(as_json: bool, data: str, db: str | None) -> None:
+def env_list(as_json: bool, data: str | None, db: str | None) -> None:
     rows = with_registry(data, db, lambda r: r.list_environments())
     if as_json:
         print_json(rows)
         return
-    for row in rows:
-        self_signed = "self-signed ok" if row["allow_self_signed"] else "CA-issued only"
-        issuing = f"  issues from CSRs ({row['issuing_ca']})" if row["issues_certificates"] else ""
-        out.print(
-            f"{row['id']:<8} {row['name']:<20} port {row['gateway_port'] or '-':<6} {self_signed}{issuing}"
-        )
+    table(
+        ["ENVIRONMENT", "NAME", "PORT", "CERTIFICATES"],
+        [
+            [
+                row["id"],
+                row["name"],
+                str(row["gateway_port"] or "-"),
+                ("self-signed ok" if row["allow_self_signed"] else "CA-issued only")
+                + (f", issues from CSRs ({row['issuing_ca']})" if row["issues_certificates"] else ""),
+            ]
+            for row in rows
+        ],
+        empty="no environments",
+    )

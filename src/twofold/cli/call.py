@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import click
 import httpx
+from click.core import ParameterSource
 from cryptography import x509
 
 from twofold.cli._common import (
@@ -20,6 +21,7 @@ from twofold.cli._common import (
     passphrase_source,
     print_json,
     read_input,
+    write_file,
 )
 from twofold.client import (
     JOSE,
@@ -91,7 +93,8 @@ def _pretty(content: bytes, content_type: str) -> str:
     + examples(
         "twofold call https://localhost:8443/accessapi/balance --cert mtls.crt --key mtls.key --cacert ca.pem",
         "twofold call https://localhost:8443/tsapi/v1/payments -d @payment.json \\\n"
-        "      --cert mtls.crt --key mtls.key --sign-key sign.key --cacert ca.pem -v",
+        "      --cert mtls.crt --key mtls.key --sign-key sign.key --sign-cert sign.crt --cacert ca.pem -v",
+        "twofold call https://localhost:8443/accessapi/balance --cert mtls.crt --key mtls.key -o balance.json",
         "twofold call https://api.bank.example/x --cert client.p12 --passphrase-file p.txt -d '{\"a\":1}'",
         "twofold call https://localhost:8443/tsapi/v1/payments -d @payment.json --cert mtls.crt --key mtls.key \\\n"
         "      --sign-key sign.key --cacert ca.pem --verify-response https://localhost:8000/.well-known/jwks.json",
@@ -107,7 +110,11 @@ def _pretty(content: bytes, content_type: str) -> str:
 @click.option("--key", help="Client private key (any format: PKCS#1/8, SEC1, PEM/DER, encrypted, PKCS#12).")
 @passphrase_options(what="the client key")
 @click.option("--sign-key", help="Sign the body with this private key (the Digital Signature key).")
-@click.option("--sign-cert", help="Name the signing certificate in the JWS header (x5t#S256).")
+@click.option(
+    "--sign-cert",
+    help="The signing certificate: the JWS header names it by its SHA-256 thumbprint (x5t#S256).",
+)
+@click.option("--x5t", "x5t_cert", hidden=True, help="Same as --sign-cert (the name `twofold jws sign` had).")
 @passphrase_options(prefix="sign-", what="the signing key")
 @click.option("--kid", help="JWS kid header value.")
 @click.option("--alg", default=None, help="JWS algorithm (default RS256; ES256 for P-256 keys).")
@@ -118,11 +125,19 @@ def _pretty(content: bytes, content_type: str) -> str:
     show_default=True,
     help="Content-Type of a signed body.",
 )
-@click.option("--cacert", help="CA certificate(s) that issued the server's certificate.")
+@click.option(
+    "--cacert",
+    envvar="TWOFOLD_CACERT",
+    help="CA certificate(s) that issued the server's certificate (`twofold serve`: data/ca/ca.crt). "
+    "Env: TWOFOLD_CACERT.",
+)
 @click.option("-k", "--insecure", is_flag=True, help="Do not check the server's certificate (unsafe).")
 @click.option("-v", "--verbose", is_flag=True, help="Show TLS version, server certificate, what was signed.")
 @click.option("-i", "--include", is_flag=True, help="Print the response status line and headers.")
 @click.option("--raw", is_flag=True, help="Print the body as received (no pretty JSON).")
+@click.option(
+    "-o", "--output", "output", help="Write the response body, as received, to this file ('-': stdout)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print status, headers, body and TLS facts as JSON.")
 @click.option(
     "--verify-response",
@@ -132,7 +147,13 @@ def _pretty(content: bytes, content_type: str) -> str:
     "https://…/.well-known/jwks.json or a file — and print its JSON payload; exit 1 when a 2xx "
     "answer is unsigned or its signature does not hold.",
 )
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds.",
+)
 def call(
     url: str,
     method: str | None,
@@ -144,6 +165,7 @@ def call(
     passphrase_env: str | None,
     sign_key: str | None,
     sign_cert: str | None,
+    x5t_cert: str | None,
     sign_passphrase_file: str | None,
     sign_passphrase_env: str | None,
     kid: str | None,
@@ -154,6 +176,7 @@ def call(
     verbose: bool,
     include: bool,
     raw: bool,
+    output: str | None,
     as_json: bool,
     verify_response: str | None,
     timeout: float,
@@ -164,8 +187,17 @@ def call(
     if parts.scheme == "http" and (cert or key):
         https = parts._replace(scheme="https").geturl()
         raise UsageError(f"a client certificate is only sent over TLS: call {https}, not http://")
+    if insecure and click.get_current_context().get_parameter_source("cacert") is ParameterSource.ENVIRONMENT:
+        cacert = None  # -k says it for this call: TWOFOLD_CACERT does not contradict it
     if cacert and insecure:
         raise UsageError("give --cacert or --insecure, not both")
+    if sign_cert and x5t_cert and sign_cert != x5t_cert:
+        raise UsageError("--x5t is another name for --sign-cert: give one")
+    sign_cert = sign_cert or x5t_cert
+    if output and as_json:
+        raise UsageError("give -o FILE or --json, not both")
+    if sign_cert and not sign_key:
+        raise UsageError("--sign-cert names the certificate of --sign-key: give the signing key too")
     body = _body(data)
     method = (method or ("POST" if body is not None else "GET")).upper()
     headers = _headers(header_values)
@@ -182,7 +214,7 @@ def call(
     if sign_key:
         auth = signing_auth(
             sign_key,
-            passphrase=passphrase_source(sign_passphrase_file, sign_passphrase_env, sign_key),
+            passphrase=passphrase_source(sign_passphrase_file, sign_passphrase_env, sign_key, "sign-"),
             alg=alg,
             kid=kid,
             signing_cert=sign_cert,
@@ -237,7 +269,14 @@ def call(
             for name, value in response.headers.items():
                 click.echo(f"{name}: {value}")
             click.echo()
-        if raw:
+        if output:
+            write_file(output, response.content, force=True)
+            if output != "-":
+                err.print(
+                    f"wrote {len(response.content)} bytes of HTTP {response.status_code} to {output}",
+                    markup=False,
+                )
+        elif raw:
             sys.stdout.buffer.write(response.content)
         else:
             click.echo(_pretty(response.content, content_type_in))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import click
@@ -17,10 +18,12 @@ from twofold.cli._common import (
     print_json,
     read_file,
     read_input,
+    self_command,
     write_file,
 )
 from twofold.crypto import certs, keys
 from twofold.crypto.certs import CertificateInfo
+from twofold.running import running_serves, serve_for
 
 DEFAULT_SUBJECT_HELP = (
     "Distinguished name, OpenSSL style: '/C=US/ST=NY/L=New York/O=Acme/OU=Treasury/CN=acme-cat' "
@@ -303,16 +306,58 @@ def init(
         out.print(f"  CSR          {info['csr']}  (for a CA-signed certificate, e.g. Production)")
         out.print(f"  certificate  {info['certificate']}  (self-signed, {days} days)")
         out.print(f"  SHA-256      {info['sha256_fingerprint']}")
-    m, s = made["mtls"], made["signature"]
-    out.print()
-    out.print("[bold]Next:[/] register the certificates in the portal's Security page (Add Security), or:")
-    out.print(f"  twofold portal cert add --env cat --use mtls {m['certificate']}")
-    out.print(f"  twofold portal cert add --env cat --use signature {s['certificate']}")
-    out.print("then call an API with both:")
-    out.print(
-        f"  twofold call https://localhost:8443/accessapi/balance --cert {m['certificate']} --key {m['key']}"
-    )
-    out.print(
-        f"  twofold call https://localhost:8443/tsapi/v1/payments -d @payment.json "
-        f"--cert {m['certificate']} --key {m['key']} --sign-key {s['key']}"
-    )
+    for line in next_steps(made["mtls"], made["signature"]):
+        out.print(line, markup=False, highlight=False)
+
+
+def _shown(path: Path) -> str:
+    """A path as a person would type it here: relative when under the current directory."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def next_steps(mtls: dict[str, str], sign: dict[str, str]) -> list[str]:
+    """What to run next, with the ports and CA of the running serve when one can be found:
+    the one of TWOFOLD_DATA (default ./data), else the only one running."""
+    serve = serve_for(Path(os.environ.get("TWOFOLD_DATA") or "data"))
+    if serve is None:
+        serves = running_serves()
+        serve = serves[0] if len(serves) == 1 else None
+    gateway = serve.gateways.get("cat", "https://localhost:8443") if serve else "https://localhost:8443"
+    portal = serve.portal if serve else "https://localhost:8000"
+    ca = ""
+    if serve and serve.ca:
+        ca = _shown(serve.ca)
+    elif Path("data/ca/ca.crt").is_file():
+        ca = "data/ca/ca.crt"
+    cacert = f" --cacert {ca or 'DATA/ca/ca.crt'}"  # DATA: the serve's data directory
+    exports = [f"TWOFOLD_PORTAL={os.environ.get('TWOFOLD_PORTAL') or portal}"]
+    if os.environ.get("TWOFOLD_CACERT"):
+        cacert = ""  # twofold call takes it from there, as the portal commands do
+    else:
+        exports.append(f"TWOFOLD_CACERT={ca or 'DATA/ca/ca.crt'}")
+    if not os.environ.get("TWOFOLD_TOKEN"):
+        exports.append("TWOFOLD_TOKEN=tf_…   # your token: the portal's API tokens page")
+    tf = self_command()
+    lines = [
+        "",
+        "Next: register the certificates on the portal's Security page (Add Security), or with its API:",
+        f"  export {' '.join(exports)}",
+        f"  {tf} portal cert add --env cat --use mtls {mtls['certificate']}",
+        f"  {tf} portal cert add --env cat --use signature {sign['certificate']}",
+        "add the API products to a project (Projects page, or):",
+        f"  {tf} portal project add treasury",
+        f"  {tf} portal project product add treasury --env cat balance payments",
+        "then call the APIs:",
+        f"  {tf} call {gateway}/accessapi/balance --cert {mtls['certificate']} --key {mtls['key']}{cacert}",
+        f'  {tf} call {gateway}/tsapi/v1/payments -d \'{{"payments": {{"paymentIdentifiers": '
+        f'{{"endToEndId": "E2E-1"}}}}}}\' --cert {mtls["certificate"]} --key {mtls["key"]} '
+        f"--sign-key {sign['key']} --sign-cert {sign['certificate']}{cacert}",
+    ]
+    if not ca and not os.environ.get("TWOFOLD_CACERT"):
+        lines.append(
+            "(DATA/ca/ca.crt: the CA in the data directory of your `twofold serve`, which prints it)"
+        )
+    return lines

@@ -34,7 +34,7 @@ def jws_group() -> None:
     "unless --canonical). Reads FILE, or stdin when FILE is '-' or absent."
     + examples(
         "twofold jws sign --key sign.key payment.json",
-        "twofold jws sign --key sign.key --x5t sign.crt payment.json   # header names the certificate",
+        "twofold jws sign --key sign.key --sign-cert sign.crt payment.json   # header names the certificate",
         "echo '{\"a\":1}' | twofold jws sign --key sign.key --kid 3F2A… -",
     ),
 )
@@ -42,7 +42,12 @@ def jws_group() -> None:
 @click.option("--key", "key_path", required=True, help="Signing private key (any format, PKCS#12 too).")
 @click.option("--alg", type=ALGS, default=None, help="Algorithm (default RS256; ES256 for P-256 keys).")
 @click.option("--kid", help="Key ID header value (often the certificate's SHA-1 thumbprint).")
-@click.option("--x5t", "x5t_cert", help="Certificate whose SHA-256 thumbprint goes in the x5t#S256 header.")
+@click.option(
+    "--sign-cert",
+    "x5t_cert",
+    help="The signing certificate: its SHA-256 thumbprint goes in the x5t#S256 header.",
+)
+@click.option("--x5t", "x5t_alias", hidden=True, help="Same as --sign-cert (its earlier name).")
 @click.option("--typ", help="typ header value (e.g. JOSE).")
 @click.option("--canonical", is_flag=True, help="Re-serialise the JSON payload compactly with sorted keys.")
 @passphrase_options()
@@ -52,13 +57,17 @@ def jws_sign(
     alg: str | None,
     kid: str | None,
     x5t_cert: str | None,
+    x5t_alias: str | None,
     typ: str | None,
     canonical: bool,
     passphrase_file: str | None,
     passphrase_env: str | None,
 ) -> None:
+    if x5t_cert and x5t_alias and x5t_cert != x5t_alias:
+        raise UsageError("--x5t is another name for --sign-cert: give one")
+    x5t_cert = x5t_cert or x5t_alias
     if kid and x5t_cert:
-        raise UsageError("give --kid or --x5t, not both")
+        raise UsageError("give --kid or --sign-cert, not both")
     payload = read_input(file)
     if canonical:
         try:

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from twofold.cli._common import err, examples, passphrase_options, passphrase_source, print_json, write_file
-from twofold.cli.portal import api_call, portal_options
+from twofold.cli.portal import api_call, connect, portal_options
 from twofold.client.probe import SIGNATURE_REFUSALS, Probe, probe_until
 from twofold.crypto import certs, keys
 from twofold.errors import TwofoldError, UsageError
@@ -308,9 +308,10 @@ def rotate(
     passphrase_file: str | None,
     passphrase_env: str | None,
     portal_url: str,
-    token: str,
+    token: str | None,
     cacert: str | None,
 ) -> None:
+    token = connect(portal_url, token, cacert).token  # no token: says how to give one
     folder = Path(directory)
     uses = ["mtls", "signature"] if use == "both" else [use]
     creds = [_load(folder, u, passphrase_file, passphrase_env) for u in uses]

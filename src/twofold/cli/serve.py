@@ -1,23 +1,12 @@
-"""`twofold serve` (portal + gateways + sandbox) and `twofold demo` (the seed flow)."""
+"""`twofold serve`: portal + gateways + sandbox in one command."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import secrets
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
-import httpx
 
-from twofold.cli._common import err, examples, out
-from twofold.client import AsyncClient
-from twofold.crypto import certs, keys
-from twofold.registry.auth import SYSTEM
-from twofold.registry.service import Registry
-from twofold.serve import ServeConfig, run, serve
+from twofold.cli._common import err, examples, self_command
 
 
 def _announce(message: str) -> None:
@@ -61,6 +50,8 @@ def serve_command(
     workers: int | None,
     no_access_log: bool,
 ) -> None:
+    from twofold.serve import ServeConfig, serve  # the servers' modules, only for the command that runs them
+
     config = ServeConfig.load(
         config_file,
         data=data,
@@ -85,180 +76,6 @@ def serve_command(
             ports = ", ".join(str(p) for p in facts["worker_admin_ports"])
             err.print(f"            (each extra gateway process has its own: ports {ports})")
         err.print(f"  CA        {facts['ca']}   (clients: --cacert {facts['ca']})")
-        err.print("  next      in another terminal: twofold demo    — Ctrl-C stops")
+        err.print(f"  next      in another terminal: {self_command()} demo    — Ctrl-C stops")
 
     serve(config, _announce, ready)
-
-
-# --- demo --------------------------------------------------------------------------------------
-
-
-def _step(number: int, title: str, command: str | None = None) -> None:
-    out.print(f"\n[bold]{number}. {title}[/]")
-    if command:
-        out.print(f"[dim]$ {command}[/]")
-
-
-def _show(value: Any) -> None:
-    out.print(json.dumps(value, indent=2)[:1500])
-
-
-async def _portal_up(url: str, cacert: Path) -> bool:
-    verify: str | bool = str(cacert) if cacert.exists() else False  # noqa: ASYNC240 - one stat, at start
-    try:
-        async with httpx.AsyncClient(verify=verify, timeout=2) as client:
-            await client.get(f"{url}/api/v1/openapi.json")
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-async def demo_flow(config: ServeConfig, portal: str, work: Path) -> None:
-    ca = config.data / "ca" / "ca.crt"
-    registry = await Registry.open(config.db_url, migrate=False)
-    try:
-        envs = {e["id"]: e for e in await registry.list_environments()}
-        gateway = f"https://localhost:{config.ports.get('cat', envs['cat']['gateway_port'])}"
-        org = f"demo-{secrets.token_hex(3)}"
-        email = f"security@{org}.example"
-        _step(
-            1,
-            f"Create the organisation {org} and a user with the API Security and Developer roles",
-            f"twofold admin org add {org} && twofold admin user add --org {org} --email {email} "
-            "--role api_security --role developer",
-        )
-        await registry.add_org(SYSTEM, org, f"Demo {org}")
-        await registry.add_user(SYSTEM, email, org=org, roles=["api_security", "developer"], password=None)
-        token = await registry.create_token(SYSTEM, "demo", for_email=email)
-        out.print(f"created {org} and {email}; API token {token[:10]}…")
-    finally:
-        await registry.close()
-
-    _step(2, "Generate mTLS and Digital Signature credentials", f"twofold init --cn {org}-cat --out {work}")
-    material: dict[str, Any] = {}
-    for use, cn in (("mtls", f"{org}-cat"), ("signature", f"{org}-cat-sign")):
-        key = keys.generate_private_key()
-        cert = certs.self_signed_certificate(
-            key, f"/O={org}/CN={cn}", usage="client" if use == "mtls" else "signature"
-        )
-        name = "mtls" if use == "mtls" else "sign"
-        (work / f"{name}.key").write_bytes(keys.private_key_bytes(key))
-        (work / f"{name}.key").chmod(0o600)
-        (work / f"{name}.crt").write_bytes(certs.certificate_pem(cert))
-        material[use] = (key, cert)
-        out.print(f"{name}.crt  CN={cn}  SHA-256 {certs.fingerprint_sha256(cert)}")
-
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=portal, verify=str(ca), headers=headers, timeout=30) as api:
-        _step(
-            3,
-            "Register both certificates through the portal API",
-            f"twofold portal cert add --env cat --use mtls {work}/mtls.crt  (and --use signature)",
-        )
-        for use, (_key, cert) in material.items():
-            response = await api.post(
-                "/api/v1/certificates",
-                json={"environment": "cat", "use": use, "certificate": certs.certificate_pem(cert).decode()},
-            )
-            response.raise_for_status()
-            row = response.json()
-            out.print(f"registered {row['use_label']}: {row['common_name']} ({row['fingerprint'][:16]}…)")
-        _step(4, "Create a project with the balance and payments API products in Client Testing")
-        project = (await api.post("/api/v1/projects", json={"name": "Treasury integration"})).json()
-        for product in ("balance", "payments"):
-            (await api.put(f"/api/v1/projects/{project['id']}/products/cat/{product}")).raise_for_status()
-        out.print(f"project {project['name']!r}: balance, payments (cat)")
-
-    await asyncio.sleep(0.6)  # registry changes reach the gateway within a second
-    mtls_key, mtls_cert = material["mtls"]
-    sign_key, sign_cert = material["signature"]
-    async with AsyncClient(gateway, cert=mtls_cert, key=mtls_key, verify=str(ca), timeout=30) as plain:
-        _step(
-            5,
-            "Call the balance API over mTLS, without a signature",
-            f"curl --cert {work}/mtls.crt --key {work}/mtls.key --cacert {ca} {gateway}/accessapi/balance",
-        )
-        response = await plain.get("/accessapi/balance")
-        out.print(f"HTTP {response.status_code}")
-        _show(response.json())
-    e2e = f"E2E-{secrets.token_hex(4).upper()}"
-    payment = {
-        "payments": {
-            "paymentIdentifiers": {"endToEndId": e2e},
-            "value": {"amount": "125.50", "currency": "USD"},
-            "debtor": {"account": "000123456789"},
-            "creditor": {"account": "000987654321"},
-        }
-    }
-    async with AsyncClient(
-        gateway,
-        cert=mtls_cert,
-        key=mtls_key,
-        signing_key=sign_key,
-        signing_cert=sign_cert,
-        verify=str(ca),
-        timeout=30,
-    ) as signed:
-        _step(
-            6,
-            "Initiate a payment with a signed body (JWS RS256, application/jose)",
-            f"twofold call {gateway}/tsapi/v1/payments -d @payment.json --cert {work}/mtls.crt --key "
-            f"{work}/mtls.key --sign-key {work}/sign.key --cacert {ca}",
-        )
-        response = await signed.post("/tsapi/v1/payments", json=payment)
-        out.print(f"HTTP {response.status_code}")
-        _show(response.json())
-        _step(
-            7,
-            "Query the payment's status",
-            f"twofold call '{gateway}/tsapi/v1/payments/status?endToEndId={e2e}' …",
-        )
-        response = await signed.get("/tsapi/v1/payments/status", params={"endToEndId": e2e})
-        out.print(f"HTTP {response.status_code}")
-        _show(response.json())
-    out.print(
-        f"\n[bold green]Demo complete.[/] Credentials are in {work}; the organisation {org} stays in the registry."
-    )
-
-
-@click.command(
-    "demo",
-    help="Walk the seed flow against a running `twofold serve` (or start one for the walk): "
-    "create an organisation and an API Security user, generate credentials, register them through "
-    "the portal API, call the balance API, initiate a signed payment, query its status."
-    + examples("twofold demo", "twofold demo --data /var/lib/twofold"),
-)
-@click.option("--data", default="data", show_default=True, help="Data directory of the serve to use.")
-@click.option("--db", envvar="TWOFOLD_DB", help="Database URL, if not SQLite in --data.")
-@click.option(
-    "--config", "config_file", type=click.Path(dir_okay=False), help="The serve's TOML settings (ports)."
-)
-@click.option(
-    "--out", "out_dir", help="Where to write the demo credentials (default: a temporary directory)."
-)
-def demo(data: str, db: str | None, config_file: str | None, out_dir: str | None) -> None:
-    config = ServeConfig.load(config_file, data=data, db=db, access_log=False)
-    work = Path(out_dir or tempfile.mkdtemp(prefix="twofold-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    portal = f"https://localhost:{config.portal_port}"
-
-    async def main() -> None:
-        if await _portal_up(portal, config.data / "ca" / "ca.crt"):
-            err.print(f"[cyan]twofold:[/] using the running portal at {portal}")
-            await demo_flow(config, portal, work)
-            return
-        err.print("[cyan]twofold:[/] no portal is running; starting `twofold serve` for the demo")
-        stop = asyncio.Event()
-        started = asyncio.Event()
-        server = asyncio.create_task(run(config, _announce, ready=lambda _f: started.set(), stop=stop))
-        waiter = asyncio.create_task(started.wait())
-        await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if server.done():
-            server.result()
-        try:
-            await demo_flow(config, portal, work)
-        finally:
-            stop.set()
-            await server
-
-    asyncio.run(main())

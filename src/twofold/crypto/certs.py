@@ -265,6 +265,21 @@ def load_certificates(data: bytes, *, name: str = "the certificate file") -> lis
     return [_load_der(data, name)]
 
 
+def private_key_content(data: bytes, name: str = "") -> str | None:
+    """What private key material a file meant as a certificate carries — "a PKCS#12 bundle",
+    "a private key and a certificate", "a private key" — or None when it carries none. Errs on
+    the side of "yes": such a file must not be sent anywhere as a certificate."""
+    if name.lower().endswith((".p12", ".pfx")) or (
+        not _pem.is_pem(data) and _pem.sniff_der(data) == "pkcs12"
+    ):
+        return "a PKCS#12 bundle (it holds the private key)"
+    if not _pem.looks_like_private_key(data):
+        return None
+    if any(b.label in _pem.CERTIFICATE_LABELS for b in _pem.pem_blocks(data)):
+        return "a private key besides the certificate"
+    return "a private key"
+
+
 def load_certificate(data: bytes, *, name: str = "the certificate file") -> x509.Certificate:
     """Exactly one certificate (PEM or DER)."""
     certs = load_certificates(data, name=name)

@@ -385,6 +385,32 @@ class Verifier:
                 others.append((fn, vk))
         return _Prepared(header, alg, tuple(named + others))
 
+    def signed_by_a_known_key(self, token: str | bytes) -> bool | None:
+        """For a token whose signature did not verify: True if one of the keys made the
+        signature (over other bytes — the body changed after signing), False if none of them
+        did (an unregistered key), None when the algorithm cannot tell. RS* can: the PKCS#1
+        v1.5 padding comes out right only with the signer's public key."""
+        raw = token.encode("ascii", "replace") if isinstance(token, str) else token
+        parts = raw.strip().split(b".")
+        if len(parts) != 3:
+            return None
+        try:
+            prepared = self._prepare(parts[0])
+            signature = _b64decode(parts[2])
+        except JWSError:
+            return None
+        if not prepared.alg.startswith("RS"):
+            return None
+        for _fn, vk in prepared.attempts:
+            if not isinstance(vk.key, rsa.RSAPublicKey):
+                continue
+            try:
+                vk.key.recover_data_from_signature(signature, padding.PKCS1v15(), None)
+            except (InvalidSignature, ValueError):
+                continue
+            return True
+        return False
+
     def _remember(self, segment: bytes, prepared: _Prepared) -> None:
         if segment not in self._prepared:
             if len(self._prepared) >= self._HEADER_CACHE_SIZE:

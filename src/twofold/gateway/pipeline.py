@@ -325,6 +325,15 @@ def verify_signature(
                 f"signature does not verify against any Digital Signature certificate of organisation "
                 f"{client.org} in environment {env}"
             )
+            known = verifier.signed_by_a_known_key(body)
+            if known is False:
+                message += (
+                    ": the signing key belongs to none of them. Register its certificate on the "
+                    "portal's Security page (Add Security, Digital Signature), or sign with the key of "
+                    "a registered one"
+                )
+            elif known is True:
+                message += ": a registered key signed it, but not these bytes; send exactly what was signed"
         raise GatewayError(message, code=error.code, status=status) from None
     try:
         _STRICT_JSON.decode(verified.payload.decode("utf-8"))

@@ -256,20 +256,27 @@ def _project_id(request: web.Request) -> int:
         raise RegistryError("project ids are numbers", code="field_invalid") from None
 
 
+async def project(request: web.Request) -> web.Response:
+    who = require_principal(request)
+    return web.json_response(await _registry(request).project(who, _project_id(request)))
+
+
 async def add_project_product(request: web.Request) -> web.Response:
+    """Idempotent; answers with the project as it now is."""
     who = require_principal(request)
     await _registry(request).set_project_product(
         who, _project_id(request), request.match_info["product"], request.match_info["env"], present=True
     )
-    return web.json_response({"ok": True})
+    return web.json_response(await _registry(request).project(who, _project_id(request)))
 
 
 async def remove_project_product(request: web.Request) -> web.Response:
+    """Idempotent; answers with the project as it now is."""
     who = require_principal(request)
     await _registry(request).set_project_product(
         who, _project_id(request), request.match_info["product"], request.match_info["env"], present=False
     )
-    return web.json_response({"ok": True})
+    return web.json_response(await _registry(request).project(who, _project_id(request)))
 
 
 async def delete_project(request: web.Request) -> web.Response:
@@ -509,6 +516,13 @@ ROUTES: list[Route] = [
         "Create a project",
         "Developer role",
         {"type": "object", "required": ["name"], "properties": {"name": _STR}},
+        tags=("projects",),
+    ),
+    Route(
+        "GET",
+        "/api/v1/projects/{project}",
+        project,
+        "One project and its API products",
         tags=("projects",),
     ),
     Route(

@@ -44,6 +44,13 @@ _STATUS_CODES = {
 }
 
 
+def sentence(text: object) -> str:
+    """A message as a sentence on a page: capital first letter (the codes and messages of the
+    API stay as they are)."""
+    value = str(text)
+    return value[:1].upper() + value[1:]
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refusals become JSON (API) or a page (browser) with a 4xx; nothing leaks a traceback."""
@@ -115,6 +122,7 @@ def init_app(registry: Registry, config: PortalConfig | None = None) -> web.Appl
     app[LIMITER] = LoginLimiter()
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
     env.globals["static"] = lambda name: f"/static/{name}"
+    env.filters["sentence"] = sentence
     api.add_routes(app)
     app.router.add_routes(pages.routes)
     app.router.add_routes(csr.routes)

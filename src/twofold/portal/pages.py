@@ -161,6 +161,11 @@ async def login(request: web.Request) -> web.StreamResponse:
     limiter.succeeded(address, email)
     cookie, _csrf = await _registry(request).create_session(who)
     response = web.HTTPSeeOther(next_url)
+    _set_session_cookie(request, response, cookie)
+    raise response
+
+
+def _set_session_cookie(request: web.Request, response: web.StreamResponse, cookie: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
@@ -170,7 +175,6 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=request.app[CONFIG].secure_cookies,
         max_age=8 * 3600,
     )
-    raise response
 
 
 @routes.post("/logout")
@@ -200,6 +204,7 @@ async def _security(
     status: int = 200,
     error: TwofoldError | None = None,
     use: str = "mtls",
+    upload_error: bool = False,
     **extra: Any,
 ) -> web.Response:
     """The Security page; ``extra`` goes to the template (e.g. which form an error is about)."""
@@ -226,6 +231,11 @@ async def _security(
             "can_manage": who.manages_certificates,
             "use": use,
             "gateway": gateway,
+            # An upload (or a CSR) refused: the dialog opens again and shows why — not the page
+            # banner too.
+            "error_in_dialog": error is not None
+            and who.manages_certificates
+            and (upload_error or extra.get("form") == "csr"),
             "issued": await _issued(request, rows),
             **extra,
         },
@@ -255,7 +265,9 @@ async def add_certificate(request: web.Request) -> web.StreamResponse:
     try:
         row = await _registry(request).add_certificate(who, env_id, use, data)
     except TwofoldError as error:
-        return await _security(request, env_id, status=error_status(error), error=error, use=use)
+        return await _security(
+            request, env_id, status=error_status(error), error=error, use=use, upload_error=True
+        )
     raise _redirect(
         request,
         f"/security?env={quote(env_id)}",
@@ -372,20 +384,30 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     who = _signed_in(request, allow_one_time=True)
     form = await _form(request)
     new, confirm = str(form.get("new_password", "")), str(form.get("confirm_password", ""))
+    registry = _registry(request)
     try:
         if new != confirm:
             raise RegistryError(
                 "the two new passwords differ; type the same one twice", code="password_mismatch"
             )
-        await _registry(request).change_own_password(who, str(form.get("current_password", "")), new)
+        if who.must_change_password:
+            await registry.replace_one_time_password(who, new)
+        else:
+            await registry.change_own_password(who, str(form.get("current_password", "")), new)
     except TwofoldError as error:
         status = (
             400 if error.status == 401 else error_status(error)
         )  # a wrong current password is a form error
         return await _password_page(request, status=status, error=error)
-    # set_password ended every session, this one included: sign in again with the new password.
-    response = _redirect(request, "/login", "Password changed; sign in with the new one")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    if not who.must_change_password:
+        # set_password ended every session, this one included: sign in again with the new password.
+        response = _redirect(request, "/login", "Password changed; sign in with the new one")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+    # The first sign-in: every session ended, and this browser goes on in a new one.
+    cookie, _csrf = await registry.create_session(who)
+    response = _redirect(request, "/", "Your password is set. Welcome!")
+    _set_session_cookie(request, response, cookie)
     raise response
 
 

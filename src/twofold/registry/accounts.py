@@ -7,7 +7,7 @@ import datetime as dt
 import re
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from twofold.registry import audit
@@ -25,7 +25,12 @@ from twofold.registry.auth import (
 from twofold.registry.base import RegistryBase, _slug
 from twofold.registry.models import (
     ApiToken,
+    Certificate,
+    CnOwner,
     Organisation,
+    Project,
+    ProjectProduct,
+    SandboxPayment,
     Session,
     User,
     utcnow,
@@ -195,6 +200,7 @@ class SessionsMixin(RegistryBase):
                     "name": r.name,
                     "prefix": r.prefix,
                     "created_at": r.created_at.isoformat(),
+                    "last_used_at": r.last_used_at.isoformat() if r.last_used_at else None,
                     "revoked": r.revoked_at is not None,
                 }
                 for r in rows
@@ -241,6 +247,56 @@ class AccountsMixin(SessionsMixin):
                 details={"name": org.name},
             )
             return {"id": org.id, "slug": org.slug, "name": org.name}
+
+        return await self._tx(work)
+
+    async def delete_org(self, actor: Principal, slug: str) -> dict[str, Any]:
+        """Delete an organisation with everything it owns — users (their sessions and tokens),
+        projects, removed certificates, sandbox payments — operators only, and only once it
+        has no active certificate (removing those is a step of its own, seen by gateways).
+        The audit log keeps every event, the deletion too."""
+        self._need_operator(actor)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            org = await self._org_by_slug(session, slug)
+            active = (
+                await session.execute(
+                    select(func.count())
+                    .select_from(Certificate)
+                    .where(Certificate.org_id == org.id, Certificate.status == "active")
+                )
+            ).scalar()
+            if active:
+                raise Conflict(
+                    f"organisation {org.slug} still has {active} active certificate(s): remove them "
+                    "first (Security page, or twofold portal cert rm)",
+                    code="org_has_certificates",
+                )
+            user_ids = select(User.id).where(User.org_id == org.id).scalar_subquery()
+            project_ids = select(Project.id).where(Project.org_id == org.id).scalar_subquery()
+            users = int(
+                (await session.execute(select(func.count()).where(User.org_id == org.id))).scalar() or 0
+            )
+            await session.execute(delete(Session).where(Session.user_id.in_(user_ids)))
+            await session.execute(delete(ApiToken).where(ApiToken.user_id.in_(user_ids)))
+            await session.execute(delete(User).where(User.org_id == org.id))
+            await session.execute(delete(ProjectProduct).where(ProjectProduct.project_id.in_(project_ids)))
+            await session.execute(delete(Project).where(Project.org_id == org.id))
+            await session.execute(delete(Certificate).where(Certificate.org_id == org.id))
+            await session.execute(delete(CnOwner).where(CnOwner.org_id == org.id))
+            await session.execute(delete(SandboxPayment).where(SandboxPayment.org_id == org.id))
+            await session.delete(org)
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="org.delete",
+                object_type="organisation",
+                object_id=org.slug,
+                org_id=org.id,
+                details={"name": org.name, "users": users},
+            )
+            await self._bump(session)
+            return {"slug": org.slug, "name": org.name, "users": users}
 
         return await self._tx(work)
 
@@ -349,6 +405,26 @@ class AccountsMixin(SessionsMixin):
             raise RegistryError("choose a password different from the current one", code="password_unchanged")
         await self.set_password(actor, actor.name, new)
 
+    async def replace_one_time_password(self, actor: Principal, new: str) -> None:
+        """The first sign-in with a one-time password: the user chooses their own without typing
+        the one-time one again — the session they just opened with it is the proof. Every
+        session ends (the caller opens a new one for this browser)."""
+        if actor.user_id is None:
+            raise Forbidden("this account has no password")
+        async with self.sessions() as session:
+            user = await session.get(User, actor.user_id)
+            if user is None or not user.must_change_password:
+                raise Forbidden(
+                    "your password is not a one-time password: give the current one to change it",
+                    code="current_password_required",
+                )
+            old_hash = user.password_hash
+        if await asyncio.to_thread(check_password, old_hash, new):
+            raise RegistryError(
+                "choose a password of your own, not the one-time password", code="password_unchanged"
+            )
+        await self.set_password(actor, actor.name, new)
+
     @staticmethod
     async def _revoke_all_tokens(session: AsyncSession, user_id: int) -> int:
         result = await session.execute(
@@ -443,6 +519,6 @@ class AccountsMixin(SessionsMixin):
             if not actor.is_operator:
                 query = query.where(User.org_id == actor.org_id)
             elif org:
-                query = query.where(Organisation.slug == org)
+                query = query.where(User.org_id == (await self._org_by_slug(session, org)).id)
             rows = (await session.execute(query.order_by(User.email))).all()
             return [user_view(u, slug) for u, slug in rows]

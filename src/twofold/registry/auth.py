@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -17,8 +18,14 @@ ROLE_LABELS = {API_SECURITY: "API Security", DEVELOPER: "Developer", OPERATOR: "
 TOKEN_PREFIX = "tf_"
 
 _hasher = PasswordHasher()
-# Verified against when the email is unknown, so that timing does not reveal accounts.
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the email is unknown, so that timing does not reveal accounts.
+    Made on first use, not at import: an argon2 hash costs ~0.1-0.8 s of CPU, which every
+    `twofold` command (even `--version`) paid before it did anything."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ def hash_password(password: str) -> str:
 
 def check_password(stored: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+        return _hasher.verify(stored or _dummy_hash(), password) and stored is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 

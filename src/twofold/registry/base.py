@@ -118,6 +118,8 @@ class RegistryBase:
                     query = query.where(AuditEntry.org_id == (await self._org_by_slug(session, org)).id)
             else:
                 query = query.where(AuditEntry.org_id == actor.org_id)
+            entries = list((await session.execute(query)).scalars())
+            labels = await self._audit_labels(session, entries)
             return [
                 {
                     "id": e.id,
@@ -126,11 +128,31 @@ class RegistryBase:
                     "action": e.action,
                     "object_type": e.object_type,
                     "object_id": e.object_id,
+                    "object_label": labels.get((e.object_type, e.object_id), e.object_id),
                     "details": e.details,
                     "hash": e.hash,
                 }
-                for e in (await session.execute(query)).scalars()
+                for e in entries
             ]
+
+    @staticmethod
+    async def _audit_labels(session: AsyncSession, entries: list[Any]) -> dict[tuple[str, str], str]:
+        """What a person calls an entry's object: a project's name (its id means nothing to
+        them; a deleted project keeps the name its entries recorded), a certificate's CN."""
+        from twofold.registry.models import Project
+
+        labels: dict[tuple[str, str], str] = {}
+        for e in entries:
+            name = (e.details or {}).get("name" if e.object_type == "project" else "common_name")
+            if e.object_type in ("project", "certificate") and isinstance(name, str):
+                labels.setdefault((e.object_type, e.object_id), name)
+        ids = {int(e.object_id) for e in entries if e.object_type == "project" and e.object_id.isdigit()}
+        if ids:
+            for project_id, name in await session.execute(
+                select(Project.id, Project.name).where(Project.id.in_(ids))
+            ):
+                labels[("project", str(project_id))] = name
+        return labels
 
     async def verify_audit(self, expect_head: str | None = None) -> audit.AuditReport:
         async with self.sessions() as session:

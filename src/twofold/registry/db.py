@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from twofold.errors import TwofoldError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 log = logging.getLogger("twofold.registry")
@@ -32,7 +34,22 @@ def normalise_url(url: str) -> str:
         return f"sqlite+aiosqlite://{rest}"
     if scheme in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+psycopg"):
         return f"postgresql+asyncpg://{rest}"
-    return url
+    if scheme in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        return url
+    raise TwofoldError(
+        f"twofold keeps its registry in SQLite (a file path, or sqlite:///path) or PostgreSQL "
+        f"(postgresql://…), not {scheme}://",
+        code="database_url_invalid",
+    )
+
+
+def check_sqlite_location(url: str) -> None:
+    """A SQLite registry file must be a file (or not exist yet: `twofold serve` creates it)."""
+    path = _sqlite_path(url) if is_sqlite(url) else None
+    if path is not None and path.exists() and not path.is_file():
+        raise TwofoldError(
+            f"the registry database {path} is a directory, not a file", code="database_url_invalid"
+        )
 
 
 def is_sqlite(url: str) -> bool:
@@ -148,6 +165,9 @@ def sessionmaker(engine: AsyncEngine) -> Sessions:
 
 
 def alembic_config(url: str) -> Config:
+    # Alembic is imported only where migrations run: every command imports this module.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
@@ -163,6 +183,8 @@ def migrate(url: str) -> None:
             database = Path(path)
             database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             database.touch(mode=0o600)  # before SQLite creates it world-readable (its -wal/-shm follow)
+    from alembic import command
+
     command.upgrade(alembic_config(url), "head")
     if database is not None:
         database.chmod(0o600)  # password hashes, sessions, payment data
@@ -217,3 +239,63 @@ async def in_transaction(
     )
     busy.retry_after = 1
     raise busy from last
+
+
+def database_failure(url: str, exc: BaseException, doing: str, *, code: str) -> TwofoldError:
+    """A database error said in one line: what failed, with which database (no password)."""
+    cause = getattr(exc, "orig", None) or exc
+    first = str(cause).splitlines()[0] if str(cause) else "no answer"
+    return TwofoldError(
+        f"{doing} the registry database {redact(url)}: {type(cause).__name__}: {first}", code=code
+    )
+
+
+class RegistryMissing(TwofoldError):
+    """The database a command was pointed at is not a registry `twofold serve` made."""
+
+    code = "registry_not_found"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    path = normalise_url(url).split(":///", 1)[1] if is_sqlite(url) else None
+    return Path(path) if path and path != ":memory:" else None
+
+
+async def check_registry(url: str) -> None:
+    """Raise RegistryMissing unless ``url`` holds a registry (its migration table): commands
+    other than `twofold serve` must never create one by opening a path that is wrong."""
+    if is_sqlite(url):
+        path = _sqlite_path(url)
+        if path is None:
+            return
+        if not path.is_file():
+            raise RegistryMissing(f"{path} does not exist")
+        await asyncio.to_thread(_check_sqlite, path)
+        return
+    engine = create_async_engine(normalise_url(url), pool_pre_ping=False)
+    try:
+        async with engine.connect() as conn:
+            has_table = await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
+    except (TimeoutError, OSError, DBAPIError) as exc:
+        raise database_failure(url, exc, "cannot connect to", code="database_unreachable") from None
+    finally:
+        await engine.dispose()
+    if not has_table:
+        raise RegistryMissing(f"the database {redact(url)} has no twofold tables")
+
+
+def _check_sqlite(path: Path) -> None:
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # read-only: never creates
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        raise RegistryMissing(f"{path} is not an SQLite database") from None
+    if not found:
+        raise RegistryMissing(
+            f"{path} is an empty database (an older twofold admin command may have left it: delete it)"
+        )

@@ -69,27 +69,36 @@ class ProjectsMixin(RegistryBase):
                     query = query.where(Project.org_id == (await self._org_by_slug(session, org)).id)
             else:
                 query = query.where(Project.org_id == actor.org_id)
-            projects = list((await session.execute(query)).scalars())
-            links = (
-                await session.execute(
-                    select(ProjectProduct).where(ProjectProduct.project_id.in_([p.id for p in projects]))
-                )
-            ).scalars()
-            by_project: dict[int, list[dict[str, str]]] = {}
-            for link in links:
-                by_project.setdefault(link.project_id, []).append(
-                    {"product": link.product_id, "environment": link.environment_id}
-                )
-            return [
-                {
-                    "id": p.id,
-                    "name": p.name,
-                    "products": sorted(
-                        by_project.get(p.id, []), key=lambda x: (x["environment"], x["product"])
-                    ),
-                }
-                for p in projects
-            ]
+            return await self._project_views(session, list((await session.execute(query)).scalars()))
+
+    async def project(self, actor: Principal, project_id: int) -> dict[str, Any]:
+        """One project of the caller's organisation (operators: any) with its API products."""
+        async with self.sessions() as session:
+            project = await session.get(Project, project_id)
+            if project is None or (project.org_id != actor.org_id and not actor.is_operator):
+                raise NotFound(f"no project {project_id}", code="project_not_found")
+            return (await self._project_views(session, [project]))[0]
+
+    @staticmethod
+    async def _project_views(session: AsyncSession, projects: list[Project]) -> list[dict[str, Any]]:
+        links = (
+            await session.execute(
+                select(ProjectProduct).where(ProjectProduct.project_id.in_([p.id for p in projects]))
+            )
+        ).scalars()
+        by_project: dict[int, list[dict[str, str]]] = {}
+        for link in links:
+            by_project.setdefault(link.project_id, []).append(
+                {"product": link.product_id, "environment": link.environment_id}
+            )
+        return [
+            {
+                "id": p.id,
+                "name": p.name,
+                "products": sorted(by_project.get(p.id, []), key=lambda x: (x["environment"], x["product"])),
+            }
+            for p in projects
+        ]
 
     async def _own_project(self, session: AsyncSession, actor: Principal, project_id: int) -> Project:
         project = await session.get(Project, project_id)
@@ -126,7 +135,7 @@ class ProjectsMixin(RegistryBase):
                 object_type="project",
                 object_id=str(project.id),
                 org_id=actor.org_id,
-                details={"product": product_id, "environment": env_id},
+                details={"name": project.name, "product": product_id, "environment": env_id},
             )
             await self._bump(session)
 

@@ -97,10 +97,20 @@ def inspect_upload(
             "the file is empty; choose the certificate file (.pem, .crt or .cer)", code="empty_file"
         )
     if _pem.looks_like_private_key(data):
+        if not _pem.is_pem(data) and _pem.sniff_der(data) == "pkcs12":
+            what, only = (
+                "a PKCS#12 bundle (.p12/.pfx), which holds a PRIVATE KEY",
+                "export the certificate alone (openssl pkcs12 -in bundle.p12 -clcerts -nokeys -out cert.pem) "
+                "and upload that",
+            )
+        else:
+            what, only = (
+                "contains a PRIVATE KEY",
+                "upload only the certificate (the file starting with -----BEGIN CERTIFICATE-----, or its DER form)",
+            )
         raise RegistryError(
-            "this file contains a PRIVATE KEY. Nothing was stored. Never upload private keys: treat "
-            "this key as exposed — generate a new key pair and certificate, and upload only the "
-            "certificate (the file starting with -----BEGIN CERTIFICATE-----)",
+            f"this file {'is ' if what.startswith('a ') else ''}{what}. Nothing was stored. Never upload private "
+            f"keys: treat this key as exposed — generate a new key pair and certificate, and {only}",
             code="private_key_uploaded",
         )
     if len(data) > MAX_UPLOAD:
