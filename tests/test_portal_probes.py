@@ -581,6 +581,13 @@ def pem_text(draw: st.DrawFn, ders: list[bytes]) -> bytes:
     match or is missing."""
     blocks = []
     for _ in range(draw(st.integers(1, 3))):
+        if (
+            draw(st.integers(0, 2)) == 0
+        ):  # a clean certificate block, so that the checks after parsing are reached
+            b64 = base64.b64encode(draw(st.sampled_from(ders))).decode()
+            lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+            blocks.append("\n".join(["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----"]))
+            continue
         label = draw(st.sampled_from(PEM_LABELS))
         body_der = draw(
             st.sampled_from(ders) | st.binary(max_size=200) | mutated(draw(st.sampled_from(ders)))
@@ -626,7 +633,9 @@ def test_structured_uploads_are_accepted_or_refused_with_a_code(bases: dict[str,
     from twofold.crypto import _pem
     from twofold.registry.rules import RegistryError, inspect_upload
 
-    ders = sorted(bases.values())
+    stranger = LocalCA("twofold probe stranger CA").issue("probe-stranger", usage="client").certificate
+    self_signed = certs.self_signed_certificate(rsa_key(2048), "/O=Probe/CN=probe-self", usage="client")
+    ders = [*sorted(bases.values()), certs.certificate_der(stranger), certs.certificate_der(self_signed)]
     codes: dict[str, int] = {}
 
     @settings(PROBE, max_examples=STRUCTURED)

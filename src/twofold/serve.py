@@ -208,10 +208,12 @@ def _check_settings(path: str, raw: dict[str, Any]) -> None:
     for name, value in raw.items():
         if name == "ports":
             if not isinstance(value, dict) or not all(
-                isinstance(p, int) and not isinstance(p, bool) and _PORT[0] <= p <= _PORT[1]
+                isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= _PORT[1]  # 0: no gateway
                 for p in value.values()
             ):
-                raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
+                raise UsageError(
+                    f"{path}: [ports] maps environments to port numbers (0: no gateway), e.g. cat = 8443"
+                )
             continue
         kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs, files)
         wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)

@@ -172,6 +172,7 @@ class ReplayGuard:
         self._flushing = False
         self._remembered: dict[tuple[int, bytes], int] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self.round_trips = 0  # statements sent (for tests and benchmarks)
 
     def start(self) -> None:
@@ -200,7 +201,7 @@ class ReplayGuard:
             entry[1].append(future)  # the same id twice in one batch: the second is a replay
         if not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())  # kept: not collected
         if not await future:
             raise replayed(claim)
 
