@@ -488,7 +488,9 @@ async def seed_registry(data: Path, upstream: int, m: Material) -> None:
         user = await registry.add_user(
             SYSTEM, "bench@bench.example", org="bench", roles="api_security,developer", password=None
         )
-        actor = Principal(user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]))
+        actor = Principal(
+            user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]), mfa_passed=True
+        )
         await registry.save_product(
             SYSTEM,
             "payments-bench",

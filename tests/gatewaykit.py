@@ -530,11 +530,7 @@ def _seed(world: World) -> None:
 
 @contextlib.contextmanager
 def running_world(
-    base: Path,
-    *,
-    db: str | None = None,
-    after_stop: Callable[[], None] | None = None,
-    **settings: Any,
+    base: Path, *, db: str | None = None, after_stop: Callable[[], None] | None = None, **settings: Any
 ) -> Iterator[World]:
     """`twofold.serve.run` on free ports, seeded; stopped and cleaned up afterwards.
     ``after_stop`` runs once `run` has returned, before its event loop is closed (which
@@ -549,7 +545,7 @@ def running_world(
         max_body=MAX_BODY,
         upstream_timeout=UPSTREAM_TIMEOUT,
         access_log=True,
-        **settings,
+        **settings,  # e.g. smtp, smtp_security
     )
     access = AccessLog()
     logger = logging.getLogger("twofold.access")

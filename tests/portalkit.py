@@ -8,6 +8,7 @@ reaches the same registry directly through :meth:`PortalServer.call`.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import ssl
 import tempfile
 from collections.abc import Coroutine, Sequence
@@ -15,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+import pyotp
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,7 +32,8 @@ from twofold.issuing import IssuingCAs
 from twofold.listener import GuardedSite
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
-from twofold.registry.auth import SYSTEM, Principal
+from twofold.registry.auth import MFA_ROLES, SYSTEM, Principal, parse_roles
+from twofold.registry.models import utcnow
 from twofold.registry.service import Registry
 from twofold.tls import server_context
 
@@ -63,6 +67,10 @@ class PortalServer:
         self.registry: Registry | None = None
         self._runner: web.AppRunner | None = None
         self._thread: LoopThread | None = None
+        # The registry's clock runs this far ahead of real time: each sign-in code moves it
+        # on by a time step (a code is accepted once), tests move it to expire links.
+        self.offset = dt.timedelta(0)
+        self.totp_secrets: dict[str, str] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -86,6 +94,7 @@ class PortalServer:
 
     async def _serve(self) -> None:
         registry = await Registry.open(str(self.db_path))
+        registry.clock = self.now
         await registry.ensure_defaults()
         await registry.save_environment(
             SYSTEM,
@@ -135,8 +144,41 @@ class PortalServer:
     def add_org(self, slug: str) -> None:
         self.call(self.reg.add_org(SYSTEM, slug, f"{slug.title()} Ltd"))
 
-    def add_user(self, email: str, *, org: str | None, roles: str, password: str | None = PASSWORD) -> None:
-        self.call(self.reg.add_user(SYSTEM, email, org=org, roles=roles, password=password))
+    def now(self) -> dt.datetime:
+        return utcnow() + self.offset
+
+    def add_user(
+        self, email: str, *, org: str | None, roles: str, password: str | None = PASSWORD, enrol: bool = True
+    ) -> None:
+        """A user; API Security users and operators with a password have a second factor
+        already (``enrol=False``: they set it up at their first sign-in)."""
+        view = self.call(self.reg.add_user(SYSTEM, email, org=org, roles=roles, password=password))
+        if enrol and password is not None and parse_roles(roles) & MFA_ROLES:
+            self.enrol(Principal(email, view["id"], None, org, parse_roles(roles)))
+
+    def enrol(self, who: Principal) -> list[str]:
+        """Set up the second factor as the enrolment page does; returns the recovery codes."""
+        secret = self.call(self.reg.mfa_begin(who))["secret"]
+        self.totp_secrets[who.name] = secret
+        return self.call(self.reg.mfa_confirm(who, self.totp(who.name)))
+
+    def totp(self, email: str) -> str:
+        """A fresh code for ``email`` (a later time step than any code given before)."""
+        self.offset += dt.timedelta(seconds=30)
+        return pyotp.TOTP(self.totp_secrets[email]).at(self.now())
+
+    def sign_in(self, client: httpx.Client, email: str, password: str = PASSWORD) -> str:
+        """Sign ``client`` in as a person does (password, then the code where asked);
+        returns the session's CSRF token."""
+        login = client.post("/login", data={"email": email, "password": password})
+        assert login.status_code == 303, login.text[:300]
+        if login.headers["location"].startswith("/login/code"):
+            page = client.get("/login/code")
+            posted = client.post(
+                "/login/code", data={"csrf_token": csrf_of(page.text), "code": self.totp(email)}
+            )
+            assert posted.status_code == 303, posted.text[:300]
+        return csrf_of(client.get("/account/password").text)
 
     def principal(self, email: str) -> Principal:
         token = self.token(email)
@@ -157,6 +199,12 @@ class PortalServer:
 
     def audit_count(self) -> int:
         return self.call(self.reg.verify_audit()).entries
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, html[:300]
+    return match.group(1)
 
 
 # --- certificates for the tests --------------------------------------------------------------

@@ -47,8 +47,11 @@ class Org:
 
 
 def principal_for(view: dict[str, Any], org_id: int | None) -> Principal:
-    """The Principal the service builds for a user (what sign-in or a token would give)."""
-    return Principal(view["email"], view["id"], org_id, view["organisation"], parse_roles(view["roles"]))
+    """The Principal the service builds for a user's API token (a token counts as having
+    passed the second factor)."""
+    return Principal(
+        view["email"], view["id"], org_id, view["organisation"], parse_roles(view["roles"]), mfa_passed=True
+    )
 
 
 async def add_person(

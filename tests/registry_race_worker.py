@@ -21,7 +21,9 @@ async def contend(args: dict[str, Any], barrier: Any) -> str:
     if args["task"] == "open":
         return await open_fresh(args, barrier)
     p = args["principal"]
-    actor = Principal(p["name"], p["user_id"], p["org_id"], p["org_slug"], frozenset(p["roles"]))
+    actor = Principal(
+        p["name"], p["user_id"], p["org_id"], p["org_slug"], frozenset(p["roles"]), mfa_passed=True
+    )
     reg = await Registry.open(args["url"], migrate=False)
     try:
         await reg.version()  # connected and warm before the start signal

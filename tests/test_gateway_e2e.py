@@ -987,3 +987,49 @@ def test_on_postgresql_the_happy_path_works_and_a_removal_reaches_the_gateway_wi
         assert _connection(response) == connection
         assert_refusal(response, 401, "certificate_not_registered")
     assert tls_outcome(world.port(), pair, world.ca_path, sni=None)[0] == "refused"
+
+
+def test_the_organisations_recent_calls_reach_its_dashboard(world: World) -> None:
+    """The gateway records each call off the request path; within about a second the
+    organisation's dashboard lists it, with the refusal message — and nobody else's does."""
+    initech = world.orgs["initech"]
+
+    def newest_id(calls: list[dict[str, Any]]) -> int:
+        return max((c["id"] for c in calls), default=0)
+
+    time.sleep(1.2)  # the earlier tests' calls are stored by now
+    with world.api("initech") as api:
+        before = newest_id(api.get("/api/v1/calls", params={"env": "cat"}).json())
+    with world.client(initech.mtls) as client:
+        assert client.get("/accessapi/balance").status_code == 200
+        refused = client.post(
+            "/tsapi/v1/payments",
+            content=signed(world, "acme", payment()),
+            headers={"Content-Type": "application/jose", "X-Secret-Header": "hush-42"},
+        )
+        assert refused.status_code == 401
+    message = refused.json()["error"]["message"]
+    with world.api("initech") as api:
+        deadline = time.monotonic() + 5
+        while True:
+            calls = api.get("/api/v1/calls", params={"env": "cat"}).json()
+            if newest_id(calls) >= before + 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        board = api.get("/api/v1/dashboard", params={"env": "cat"}).json()
+    newest, older = calls[0], calls[1]
+    assert (newest["method"], newest["path"], newest["status"]) == ("POST", "/tsapi/v1/payments", 401)
+    assert newest["product"] == "payments"
+    assert newest["message"] == message  # what a developer can act on
+    assert (older["path"], older["status"], older["outcome"], older["message"]) == (
+        "/accessapi/balance",
+        200,
+        "ok",
+        None,
+    )
+    assert "hush-42" not in json.dumps(calls)  # no header values, no bodies
+    assert {i["item"]: i["done"] for i in board["checklist"]}["call"] is True
+    with world.api("globex") as other:
+        theirs = other.get("/api/v1/calls", params={"env": "cat", "org": "initech"}).json()
+    assert "initech" in message
+    assert "initech" not in json.dumps(theirs)  # ?org= is for operators: globex sees its own

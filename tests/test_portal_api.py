@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mailkit import outbox
 from portalkit import (
     PASSWORD,
     PROD_ISSUER,
@@ -42,9 +44,12 @@ from portalkit import (
 )
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
+from twofold.mail import OutboxMailer
 from twofold.portal import api
 from twofold.portal.app import init_app
+from twofold.portal.web import PortalConfig
 from twofold.registry.auth import SYSTEM, Principal
+from twofold.registry.service import CallRecord
 
 MEMBERS = ("operator", "alpha_security", "alpha_developer", "bravo_security", "bravo_developer")
 ROLES = ("anonymous", "bad_token", *MEMBERS)
@@ -77,6 +82,7 @@ class World:
     alpha_certificate: x509.Certificate
     alpha_project: int
     alpha_markers: set[str] = field(default_factory=lambda: {"alpha"})
+    outbox: Path = Path("outbox")
     serial: Iterator[int] = field(default_factory=itertools.count)
 
     def headers(self, role: str) -> dict[str, str]:
@@ -124,7 +130,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PortalServer]:
-    with PortalServer(tmp_path_factory.mktemp("portal-api") / "registry.db") as running:
+    directory = tmp_path_factory.mktemp("portal-api")
+    config = PortalConfig(mailer=OutboxMailer(directory / "outbox"))
+    with PortalServer(directory / "registry.db", config=config) as running:
         yield running
 
 
@@ -152,6 +160,31 @@ def world(server: PortalServer) -> Iterator[World]:
     server.call(server.reg.create_project(principals["bravo_developer"], "bravo-project"))
     with httpx.Client(base_url=server.url, verify=server.client_verify(), timeout=30) as http:
         world = World(server, http, tokens, principals, alpha_certificate, int(alpha_project["id"]))
+        world.outbox = server.config.mailer.directory  # type: ignore[union-attr]
+        # A pending invitation and recorded gateway calls of alpha (the dashboards list them).
+        server.call(
+            server.reg.invite(
+                principals["alpha_security"], "pending@alpha.test", org=None, roles=["api_security"]
+            )
+        )
+        server.call(
+            server.reg.record_calls(
+                [
+                    CallRecord(
+                        server.now(),
+                        "cat",
+                        principals[f"{org}_security"].org_id,
+                        "payments",
+                        "POST",
+                        f"/tsapi/v1/payments/{org}-call",
+                        401,
+                        "signature_invalid",
+                        f"{org} message",
+                    )
+                    for org in ("alpha", "bravo")
+                ]
+            )
+        )
         world.set_link(world.alpha_project, True)
         world.alpha_markers.add(certs.fingerprint_sha256(alpha_certificate))
         yield world
@@ -397,6 +430,31 @@ def _revoke_alpha_token(world: World, role: str) -> Call:
     return Call(path_params={"token": str(token_id)}, verify=verify)
 
 
+def _invite(world: World, role: str) -> Call:
+    # Everyone tries to invite an API Security user to alpha.
+    email = world.unique("invited") + "@alpha.test"
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        pending = {u["email"] for u in world.server.call(world.server.reg.list_invitations(SYSTEM))}
+        assert (email in pending) is ok
+        assert any(email in m["To"] for m in outbox(world.outbox)) is ok
+        if ok:
+            assert response.json()["roles"] == ["api_security"]
+
+    return Call(json={"email": email, "organisation": "alpha", "roles": ["api_security"]}, verify=verify)
+
+
+def _reset_alpha_second_factor(world: World, role: str) -> Call:
+    email = world.unique("mfa") + "@alpha.test"
+    world.server.add_user(email, org="alpha", roles="api_security")  # enrolled
+
+    def verify(ok: bool, response: httpx.Response) -> None:
+        (user,) = [u for u in world.server.call(world.server.reg.list_users(SYSTEM)) if u["email"] == email]
+        assert user["second_factor"] is not ok
+
+    return Call(path_params={"email": email}, verify=verify)
+
+
 def _audit_verify(world: World, role: str) -> Call:
     def verify(ok: bool, response: httpx.Response) -> None:
         if ok:
@@ -445,6 +503,14 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("DELETE", "/api/v1/tokens/{token}"): Spec(only(200, "alpha_security", others=404), _revoke_alpha_token),
     ("GET", "/api/v1/audit"): Spec(everyone(200), plain(org="alpha", limit="1000"), ALPHA_SIDE),
     ("GET", "/api/v1/audit/verify"): Spec(only(200, "operator"), _audit_verify),
+    ("GET", "/api/v1/invitations"): Spec(everyone(200), plain(org="alpha"), ALPHA_SIDE),
+    # Roles never above the inviter's own; API Security users invite to their own organisation.
+    ("POST", "/api/v1/invitations"): Spec(only(201, "operator", "alpha_security"), _invite),
+    ("DELETE", "/api/v1/users/{email}/mfa"): Spec(only(200, "operator"), _reset_alpha_second_factor),
+    # Organisation users see their own organisation's (?org= is for operators only).
+    ("GET", "/api/v1/dashboard"): Spec(everyone(200), plain(env="cat", org="alpha"), ALPHA_SIDE),
+    ("GET", "/api/v1/calls"): Spec(everyone(200), plain(env="cat", org="alpha"), ALPHA_SIDE),
+    ("GET", "/api/v1/overview"): Spec(only(200, "operator"), plain()),
 }
 
 
@@ -602,8 +668,7 @@ def test_the_api_ignores_session_cookies(server: PortalServer, world: World) -> 
     signed-in browser cannot be made to call it (no CSRF on the API)."""
     server.add_user("cookie@alpha.test", org="alpha", roles="api_security")
     with httpx.Client(base_url=server.url, verify=server.client_verify()) as browser:
-        login = browser.post("/login", data={"email": "cookie@alpha.test", "password": PASSWORD})
-        assert login.status_code == 303
+        server.sign_in(browser, "cookie@alpha.test")
         assert browser.cookies.get("twofold_session")
         assert browser.get("/security").status_code == 200
         assert browser.get("/api/v1/me").status_code == 401
@@ -939,11 +1004,7 @@ TRACE = re.compile(r"Traceback|File \"|line \d+, in|twofold/|site-packages")
 
 def _signed_in(server: PortalServer, email: str) -> tuple[httpx.Client, str]:
     client = httpx.Client(base_url=server.url, verify=server.client_verify())
-    assert client.post("/login", data={"email": email, "password": PASSWORD}).status_code == 303
-    page = client.get("/projects")
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert match
-    return client, match.group(1)
+    return client, server.sign_in(client, email)
 
 
 @pytest.fixture(scope="module")
@@ -1124,7 +1185,9 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
         )
         assert changed.status_code == 303
         assert changed.headers["location"] == "/"
-        assert browser.get("/security").status_code == 200  # still signed in, no longer held
+        # Still signed in, no longer held at the password page: next, an API Security user sets
+        # up the second factor.
+        assert browser.get("/security").headers["location"] == "/account/mfa"
         # Now it is an ordinary password: changing it again needs the current one.
         page = browser.get("/account/password")
         assert 'name="current_password"' in page.text
@@ -1137,4 +1200,5 @@ def test_a_one_time_password_opens_only_the_change_password_page(server: PortalS
             browser.post("/login", data={"email": "new@onetime.test", "password": new_password}).status_code
             == 303
         )
-        assert browser.get("/security").status_code == 200
+        # No longer held at the password page: next, API Security users set up a second factor.
+        assert browser.get("/security").headers["location"] == "/account/mfa"

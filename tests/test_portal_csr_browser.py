@@ -55,7 +55,7 @@ def test_submit_a_csr_and_download_the_issued_certificate(
     (tmp_path / "acme.csr").write_bytes(certs.csr_pem(certs.build_csr(key, "/O=Acme/CN=acme-prod-web")))
     tab = new_tab()
     page = tab.page
-    sign_in(tab, security)
+    sign_in(tab, security, next_path="/security")  # users land on the dashboard
     # Client Testing has no issuing CA: its dialog offers the upload only.
     page.get_by_role("button", name="Add Security").click()
     expect(page.get_by_role("dialog", name="Add certificate")).to_be_visible()

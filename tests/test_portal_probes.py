@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from portalkit import PASSWORD, PROD_CA, PortalServer, rsa_key
+from portalkit import PROD_CA, PortalServer, rsa_key
 from twofold.crypto import certs
 from twofold.crypto.ca import LocalCA
 
@@ -59,12 +59,8 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
             ) as api,
             httpx.Client(base_url=server.url, verify=verify, timeout=30) as page,
         ):
-            assert (
-                page.post("/login", data={"email": SECURITY_EMAIL, "password": PASSWORD}).status_code == 303
-            )
-            match = re.search(r'name="csrf_token" value="([^"]+)"', page.get("/security").text)
-            assert match
-            yield Portal(server, api, page, match.group(1))
+            csrf = server.sign_in(page, SECURITY_EMAIL)  # password, then the authenticator code
+            yield Portal(server, api, page, csrf)
 
 
 @pytest.fixture

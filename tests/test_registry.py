@@ -9,6 +9,7 @@ manage certificates; Developers manage projects; operators manage the platform.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -320,7 +321,8 @@ async def test_sessions_are_created_looked_up_and_ended(registry: Registry) -> N
     acme = await make_org(registry, "acme")
     cookie, csrf = await registry.create_session(acme.developer)
     found = await registry.session_principal(cookie)
-    assert found == (acme.developer, csrf)
+    # A new session has not passed a second factor (a token, as in acme.developer, has).
+    assert found == (dataclasses.replace(acme.developer, mfa_passed=False), csrf)
     assert await registry.session_principal(cookie + "x") is None
     stored = repr((await table_rows(registry))["sessions"]).encode()
     assert cookie.encode() not in stored  # only the cookie's hash is kept
@@ -333,7 +335,10 @@ async def test_changing_a_password_ends_the_users_sessions(registry: Registry) -
     cookie, _ = await registry.create_session(acme.security)
     await registry.set_password(acme.security, acme.security.name, PASSWORD)  # one's own: allowed
     assert await registry.session_principal(cookie) is None
-    assert (await registry.authenticate(acme.security.name, PASSWORD)) == acme.security
+    # A password alone has not passed the second factor.
+    assert (await registry.authenticate(acme.security.name, PASSWORD)) == dataclasses.replace(
+        acme.security, mfa_passed=False
+    )
 
 
 async def test_a_deactivated_user_loses_sessions_tokens_and_sign_in_at_once(registry: Registry) -> None:

@@ -182,3 +182,35 @@ def test_the_admin_commands_for_keys_and_product_protection(tmp_path: Path) -> N
     missing = admin("signing-key", "retire", "nope")
     assert missing.returncode == 1
     assert "signing_key_not_found" in missing.stderr
+
+
+async def test_migration_0005_upgrades_an_existing_registry(registry_url: str) -> None:
+    """A registry before 0005 keeps its products, with replay protection and signed responses
+    off and the default fields."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from twofold.registry.db import alembic_config, create_engine, migrate_async
+
+    await asyncio.to_thread(command.upgrade, alembic_config(registry_url), "0003")
+    engine = create_engine(registry_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO api_products (id, name, path_prefix, upstream, signature, content_types, "
+                    "algorithms) VALUES ('old', 'Old', '/old', 'sandbox:echo', 'required', '[]', '[\"RS256\"]')"
+                )
+            )
+        await migrate_async(registry_url)
+        registry = Registry(engine, registry_url)
+        [old] = await registry.list_products()
+        assert await registry.signing_jwks() == {"keys": []}
+    finally:
+        await engine.dispose()
+    assert (old["replay_window"], old["replay_iat"], old["replay_id"], old["sign_responses"]) == (
+        None,
+        "iat",
+        "jti",
+        False,
+    )

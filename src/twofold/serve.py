@@ -106,6 +106,7 @@ class ServeConfig:
     smtp_password_file: str | None = None  # else TWOFOLD_SMTP_PASSWORD
     smtp_cafile: str | None = None  # CA bundle for the SMTP server (default: the system's)
     mail_from: str = DEFAULT_SENDER
+    link_lifetime_hours: float = 72.0  # how long invitation and password-reset links work
     # Issuing CAs named here instead of <data>/issuing/<env>/: {"prod": {"key": …, "cert": …}}
     # (and "passphrase_file" for an encrypted key).
     issuing_ca: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -123,6 +124,12 @@ class ServeConfig:
     @property
     def public_url(self) -> str:
         return (self.portal_url or f"https://localhost:{self.portal_port}").rstrip("/")
+
+    @property
+    def link_lifetime(self) -> dt.timedelta:
+        if not 0 < self.link_lifetime_hours <= 24 * 30:
+            raise UsageError("link_lifetime_hours must be more than 0 and at most 720 (30 days)")
+        return dt.timedelta(hours=self.link_lifetime_hours)
 
     def mail_settings(self) -> MailSettings:
         """Checked now, so that a setting that cannot work stops `serve` at start."""
@@ -200,6 +207,7 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "notice_interval": ((int, float), (0.001, 30 * 86400)),
     "registry_grace": ((int, float), (0.001, 30 * 86400)),
     "replay_durable": (bool, None),
+    "link_lifetime_hours": ((int, float), (0.01, 24 * 30)),
 }
 
 
@@ -483,6 +491,7 @@ async def run(
     run from elsewhere (:mod:`twofold.running`)."""
     nofile = raise_nofile_limit()
     mail = config.mail_settings()  # a mail setting that cannot work stops here, before any file
+    config.link_lifetime  # noqa: B018 - checked at start too
     issuing = config.issuing_files()  # so does an issuing CA setting
     _prepare_data(config.data)
     check_sqlite_location(config.db_url)
@@ -522,6 +531,7 @@ async def run(
                     gateway_urls=gateway_urls,
                     public_url=config.public_url,
                     mailer=mailer,
+                    link_lifetime=config.link_lifetime,
                     issuers=issuers,
                     notice_jwks=signer.jwks(),
                 ),

@@ -26,7 +26,7 @@ from twofold.registry.service import Registry
     "environments, audit)."
     + examples(
         "twofold admin org add acme --name 'Acme Corp'",
-        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security",
         "twofold admin token new --email sec@acme.example",
         "twofold admin audit verify",
     )
@@ -130,7 +130,7 @@ def user() -> None:
     "(sees them, manages projects), operator (no organisation). Without --password-file a one-time "
     "password is generated and printed."
     + examples(
-        "twofold admin user add --org acme --email sec@acme.example --role api_security",
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security",
         "twofold admin user add --org acme --email dev@acme.example --role developer --password-file pw.txt",
         "twofold admin user add --email ops@bank.example --role operator",
     ),
@@ -170,6 +170,87 @@ def user_add(
         out.print(f"one-time password: {generated}")
 
 
+@user.command(
+    "invite",
+    help="Invite a user: an e-mail with a single-use activation link (valid link_lifetime_hours, "
+    "default 72) to choose a password — and, for API Security users and operators, to set up a "
+    "second factor. Mail goes through the serve settings' SMTP server, or into <data>/outbox/ "
+    "when none is configured. Inviting a user who has not activated yet sends a new link."
+    + examples(
+        "twofold admin user invite --org acme --email sec@acme.example --role api_security --role developer",
+        "twofold admin user invite --email ops@bank.example --role operator --config twofold.toml",
+    ),
+)
+@click.option("--email", required=True)
+@click.option("--org", "org_slug", help="Organisation id (not for operators).")
+@click.option("--role", "roles", multiple=True, required=True, type=click.Choice(ROLES), help="Repeatable.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="The serve's TOML settings (mail, portal_url).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@db_options
+def user_invite(
+    email: str,
+    org_slug: str | None,
+    roles: tuple[str, ...],
+    config_file: str | None,
+    as_json: bool,
+    data: str,
+    db: str | None,
+) -> None:
+    from twofold.mail import make_mailer
+    from twofold.portal.mails import send_link
+    from twofold.serve import ServeConfig
+
+    explicit = click.get_current_context().get_parameter_source("data") != click.core.ParameterSource.DEFAULT
+    config = ServeConfig.load(config_file, data=data if explicit or not config_file else None, db=db)
+    mailer = make_mailer(config.mail_settings(), config.data)
+
+    async def work(registry: Registry) -> tuple[Any, str]:
+        link = await registry.invite(
+            SYSTEM, email, org=org_slug, roles=list(roles), lifetime=config.link_lifetime
+        )
+        return link, await send_link(mailer, config.public_url, link)
+
+    link, where = with_registry(str(config.data), config.db, work)
+    if as_json:
+        print_json(
+            {
+                "email": link.email,
+                "organisation": org_slug,
+                "roles": list(link.roles),
+                "expires_at": link.expires_at.isoformat(timespec="seconds"),
+                "mail": where,
+            }
+        )
+        return
+    err.print(
+        f"invited {link.email}: the link works once, until {link.expires_at:%Y-%m-%d %H:%M} UTC; "
+        f"mail {'written to ' + where if not where.startswith('smtp://') else 'sent via ' + where[7:]}"
+    )
+
+
+@user.command(
+    "reset-mfa",
+    help="Remove a user's lost second factor (and recovery codes): they are signed out everywhere "
+    "and set up a new one at their next sign-in. Audited."
+    + examples("twofold admin user reset-mfa --email sec@acme.example"),
+)
+@click.option("--email", required=True)
+@db_options
+def user_reset_mfa(email: str, data: str, db: str | None) -> None:
+    done = with_registry(data, db, lambda r: r.mfa_reset(SYSTEM, email))
+    if done["had_second_factor"]:
+        err.print(
+            f"second factor of {email} reset: signed out everywhere; a new one is set up at the next sign-in"
+        )
+    else:
+        err.print(f"{email} had no second factor; signed out everywhere")
+
+
 @user.command("list", help="List users.")
 @click.option("--org", "org_slug")
 @click.option("--json", "as_json", is_flag=True)
@@ -180,13 +261,14 @@ def user_list(org_slug: str | None, as_json: bool, data: str | None, db: str | N
         print_json(rows)
         return
     table(
-        ["EMAIL", "ORGANISATION", "ROLES", "ACTIVE"],
+        ["EMAIL", "ORGANISATION", "ROLES", "STATUS", "2FA"],
         [
             [
                 row["email"],
                 row["organisation"] or "-",
                 ", ".join(row["role_labels"]),
-                "yes" if row["active"] else "no",
+                "invited" if row["pending_activation"] else ("active" if row["active"] else "deactivated"),
+                "on" if row["second_factor"] else "-",
             ]
             for row in rows
         ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -12,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
+import pyotp
 
 from twofold.cli._common import err, examples, make_directory, out, self_command
 from twofold.cli._registry import open_existing
 from twofold.client import AsyncClient, client_context
 from twofold.crypto import certs, keys
 from twofold.errors import TwofoldError, UsageError
+from twofold.mail import Mailer, make_mailer
+from twofold.portal.mails import send_link
 from twofold.registry.auth import SYSTEM
 from twofold.running import RunningServe, running_serves, serve_for
 
@@ -121,7 +125,45 @@ async def _check(response: httpx.Response) -> Any:
     return response.json()
 
 
-async def demo_flow(target: Target, work: Path, *, keep: bool) -> None:
+def _html_value(html: str, pattern: str) -> str:
+    match = re.search(pattern, html)
+    if match is None:
+        raise UsageError("the portal's page did not look as expected; is it the same twofold version?")
+    return match.group(1)
+
+
+async def _activate(target: Target, link_path: str, email: str) -> str:
+    """What the invited person does in the browser, over the portal's pages: open the link,
+    choose a password, set up the authenticator (the code computed from the key the page
+    shows), and create an API token on the API tokens page. Returns the token."""
+    password = secrets.token_urlsafe(16)
+    trust = client_context(verify=target.ca)
+    async with httpx.AsyncClient(base_url=target.portal, verify=trust, timeout=30) as browser:
+        (await browser.get(link_path)).raise_for_status()
+        chosen = await browser.post(link_path, data={"new_password": password, "confirm_password": password})
+        if chosen.status_code != 303:
+            raise TwofoldError(
+                f"activating {email} failed: HTTP {chosen.status_code}", code="portal_unexpected"
+            )
+        enrol = await browser.get("/account/mfa")
+        secret = _html_value(enrol.text, r'id="mfa-secret"[^>]*>([A-Z2-7]+)<')
+        csrf = _html_value(enrol.text, r'name="csrf_token" value="([^"]+)"')
+        codes = await browser.post(
+            "/account/mfa", data={"csrf_token": csrf, "code": pyotp.TOTP(secret).now()}
+        )
+        if codes.status_code != 201:
+            raise TwofoldError(
+                f"setting up the second factor failed: HTTP {codes.status_code}", code="portal_unexpected"
+            )
+        out.print(
+            f"password chosen, authenticator set up (key {secret[:4]}…), 10 recovery codes shown once",
+            markup=False,
+        )
+        page = await browser.post("/tokens", data={"csrf_token": csrf, "name": "demo"})
+        return _html_value(page.text, r'id="new-token"[^>]*>([^<]+)<')
+
+
+async def demo_flow(target: Target, work: Path, *, keep: bool, mailer: Mailer) -> None:
     tf = self_command()
     ca = target.ca
     org = f"demo-{secrets.token_hex(3)}"
@@ -130,18 +172,26 @@ async def demo_flow(target: Target, work: Path, *, keep: bool) -> None:
     try:
         _step(
             1,
-            f"Create the organisation {org} and a user with the API Security and Developer roles",
-            f"{tf} admin org add {org} && {tf} admin user add --org {org} --email {email} "
+            f"The operator creates the organisation {org} and invites its API Security user",
+            f"{tf} admin org add {org} && {tf} admin user invite --org {org} --email {email} "
             "--role api_security --role developer",
         )
         await registry.add_org(SYSTEM, org, f"Demo {org}")
-        await registry.add_user(SYSTEM, email, org=org, roles=["api_security", "developer"], password=None)
-        token = await registry.create_token(SYSTEM, "demo", for_email=email)
-        out.print(f"created {org} and {email}; API token {token[:10]}…", markup=False)
+        link = await registry.invite(SYSTEM, email, org=org, roles=["api_security", "developer"])
+        where = await send_link(mailer, target.portal, link)
+        out.print(f"invitation for {email}: {where}", markup=False)
     finally:
         await registry.close()
+    _step(
+        2,
+        "The invited user opens the link: chooses a password, sets up the authenticator app, creates "
+        "an API token",
+        f"open the link from the mail ({target.portal}/account/link/…) in a browser",
+    )
+    token = await _activate(target, link.path, email)
+    out.print(f"signed in as {email}; API token {token[:10]}…", markup=False)
 
-    _step(2, "Generate mTLS and Digital Signature credentials", f"{tf} init --cn {org}-cat --out {work}")
+    _step(3, "Generate mTLS and Digital Signature credentials", f"{tf} init --cn {org}-cat --out {work}")
     material: dict[str, Any] = {}
     for use, cn in (("mtls", f"{org}-cat"), ("signature", f"{org}-cat-sign")):
         key = keys.generate_private_key()
@@ -160,7 +210,7 @@ async def demo_flow(target: Target, work: Path, *, keep: bool) -> None:
     trust = client_context(verify=ca)
     async with httpx.AsyncClient(base_url=target.portal, verify=trust, headers=headers, timeout=30) as api:
         _step(
-            3,
+            4,
             "Register both certificates through the portal API",
             f"{portal_env} {tf} portal cert add --env cat --use mtls {work}/mtls.crt   (and --use signature "
             f"{work}/sign.crt)",
@@ -183,7 +233,7 @@ async def demo_flow(target: Target, work: Path, *, keep: bool) -> None:
                 markup=False,
             )
         _step(
-            4,
+            5,
             "Create a project with the balance and payments API products in Client Testing",
             f"{tf} portal project add 'Treasury integration' && {tf} portal project product add "
             "'Treasury integration' --env cat balance payments",
@@ -195,6 +245,20 @@ async def demo_flow(target: Target, work: Path, *, keep: bool) -> None:
 
         await asyncio.sleep(0.6)  # registry changes reach the gateway within a second
         await _calls(target, work, material, tf)
+        await asyncio.sleep(1.5)  # the gateway stores its calls about once a second
+        _step(
+            9,
+            "The dashboard: the onboarding checklist and the recent gateway calls",
+            f"open {target.portal}/dashboard",
+        )
+        board = await _check(await api.get("/api/v1/dashboard", params={"env": "cat"}))
+        for item in board["checklist"]:
+            out.print(f"  {'✓' if item['done'] else '○'} {item['label']}", markup=False)
+        for call in board["calls"][:5]:
+            out.print(
+                f"  {call['at'][11:19]} {call['method']:<5} {call['path']:<32} {call['status']} {call['outcome']}",
+                markup=False,
+            )
         if keep:
             out.print(
                 f"\n[bold green]Demo complete.[/] Credentials are in {work}. Left in the registry: the "
@@ -223,7 +287,7 @@ async def _calls(target: Target, work: Path, material: dict[str, Any], tf: str) 
     sign_key, sign_cert = material["signature"]
     async with AsyncClient(gateway, cert=mtls_cert, key=mtls_key, verify=str(ca), timeout=30) as plain:
         _step(
-            5,
+            6,
             "Call the balance API over mTLS, without a signature",
             f"curl --cert {work}/mtls.crt --key {work}/mtls.key --cacert {ca} {gateway}/accessapi/balance",
         )
@@ -243,7 +307,7 @@ async def _calls(target: Target, work: Path, material: dict[str, Any], tf: str) 
         timeout=30,
     ) as signed:
         _step(
-            6,
+            7,
             "Initiate a payment with a signed body (JWS RS256, application/jose)",
             f"{tf} call {gateway}/tsapi/v1/payments -d @{payment} --cert {work}/mtls.crt --key "
             f"{work}/mtls.key --sign-key {work}/sign.key --sign-cert {work}/sign.crt --cacert {ca}",
@@ -252,7 +316,7 @@ async def _calls(target: Target, work: Path, material: dict[str, Any], tf: str) 
         out.print(f"HTTP {response.status_code}")
         _show(response.json())
         _step(
-            7,
+            8,
             "Query the payment's status",
             f"{tf} call '{gateway}/tsapi/v1/payments/status?endToEndId={e2e}' --cert {work}/mtls.crt "
             f"--key {work}/mtls.key --cacert {ca}",
@@ -264,9 +328,11 @@ async def _calls(target: Target, work: Path, material: dict[str, Any], tf: str) 
 
 @click.command(
     "demo",
-    help="Walk the whole flow against a running `twofold serve`: create an organisation and an API "
-    "Security user, generate credentials, register them through the portal API, add API products to "
-    "a project, call the balance API, initiate a signed payment and query its status. It finds the "
+    help="Walk the whole flow against a running `twofold serve`: create an organisation and invite its "
+    "API Security user (the mail goes where the serve's mail goes), activate the account through the "
+    "link as the person would (password, authenticator app, API token), generate credentials, register them through the portal API, add API products to "
+    "a project, call the balance API, initiate a signed payment, query its status and show the "
+    "dashboard. It finds the "
     "serve by itself (the one of ./data, else the only one running); --data names another, --start "
     "runs one just for the demo."
     + examples("twofold demo", "twofold demo --cleanup", "twofold demo --data /var/lib/twofold"),
@@ -300,6 +366,9 @@ def demo(
     target = find_serve(config, explicit=data is not None or config_file is not None, db=db)
     work = Path(out_dir or tempfile.mkdtemp(prefix="twofold-demo-"))
     make_directory(work)
+    # The invitation goes where the serve's mail goes: its SMTP settings, else its outbox.
+    outbox_data = Path(target.data) if target is not None and target.data else config.data
+    mailer = make_mailer(config.mail_settings(), outbox_data)
 
     async def main() -> None:
         if target is not None:
@@ -310,7 +379,7 @@ def demo(
                     code="connect_refused",
                 )
             _say(f"using the running portal at {target.portal}")
-            await demo_flow(target, work, keep=keep)
+            await demo_flow(target, work, keep=keep, mailer=mailer)
             return
         if not start:
             named = f" with the data directory {config.data.resolve()}" if data or config_file else ""
@@ -340,7 +409,7 @@ def demo(
             if "cat" not in facts["gateways"]:
                 raise UsageError("the serve runs no gateway for the cat environment, which the demo calls")
             own = Target(str(config.data), db, facts["portal"], facts["gateways"]["cat"], Path(facts["ca"]))
-            await demo_flow(own, work, keep=keep)
+            await demo_flow(own, work, keep=keep, mailer=mailer)
         finally:
             stop.set()
             await server

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from twofold.crypto.keys import PrivateKey
 from twofold.gateway import pipeline
+from twofold.gateway.calls import CallRecorder
 from twofold.gateway.facts import ConnectionFacts, RequestHead
 from twofold.gateway.forward import Forwarder, Response, error_response
 from twofold.gateway.listeners import Connections
@@ -85,6 +86,7 @@ class Gateway:
         self._last_poll = 0.0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.calls = CallRecorder(registry.record_calls)  # recent calls for the dashboards
 
     # --- snapshot and TLS trust -----------------------------------------------------------
 
@@ -170,6 +172,7 @@ class Gateway:
         await self.refresh()
         await self.forwarder.start()
         self._tasks.append(asyncio.create_task(self.watch()))
+        self.calls.start()
         if not is_sqlite(self.registry.url):
             self._tasks.append(asyncio.create_task(self.listen_notifications()))
 
@@ -180,6 +183,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.connections.stop()
+        await self.calls.stop()
         await self.forwarder.close()
 
     # --- the pipeline over the live snapshot ----------------------------------------------------
@@ -224,6 +228,7 @@ class Gateway:
         """Metrics and the access-log line of one request (never a body or a header value)."""
         env = facts.environment
         self.metrics.requests.count(env, outcome.product or "-", outcome.code, elapsed)
+        self.calls.record(env, outcome, method or "-", path or "-", status)
         if self.config.access_log:
             access_log.info(
                 json.dumps(

@@ -264,6 +264,7 @@ class Forwarder:
         status, data = await sandbox(self.registry, forwarded, forwarded.path[len(product.prefix) :])
         if status >= 400 and isinstance(data, dict):
             outcome.code = str(data.get("error", {}).get("code", f"upstream_{status}"))
+            outcome.message = str(data.get("error", {}).get("message", "")) or None
         request_id = forwarded.headers["X-Request-Id"]
         response = json_response(status, data, [("X-Request-Id", request_id), *retry_after_header(data)])
         signer = self._signer(product)

@@ -87,10 +87,12 @@ class Outcome:
     """What the access log and metrics record about one request (never bodies or headers)."""
 
     org: str | None = None
+    org_id: int | None = None
     fingerprint: str | None = None
     product: str | None = None
     signature_fingerprint: str | None = None
     code: str = "ok"
+    message: str | None = None  # the refusal message (recent calls on the dashboard)
 
 
 class Admitted:
@@ -415,7 +417,7 @@ def admit(
     a byte of the body is read (and before ``100 Continue`` is sent)."""
     env = facts.environment
     client = identify(snapshot, facts)
-    outcome.org, outcome.fingerprint = client.org, client.fingerprint
+    outcome.org, outcome.org_id, outcome.fingerprint = client.org, client.org_id, client.fingerprint
     product = route(snapshot, head, env)
     outcome.product = product.id
     authorise(snapshot, client, product, env)

@@ -492,7 +492,7 @@ class GatewayProtocol(asyncio.Protocol):
             self._start(request)
 
     def _answer_refusal(self, request: _Request, error: TwofoldError) -> None:
-        request.outcome.code = error.code
+        request.outcome.code, request.outcome.message = error.code, error.message
         if not request.complete:
             # Answered before its body: read and drop the rest — unless the client waits for
             # 100 Continue (it may never send it) or the refusal is about the body.
@@ -527,7 +527,7 @@ class GatewayProtocol(asyncio.Protocol):
             try:
                 response = forwarder.relay(admitted.product, forwarded, request.outcome, done)
             except TwofoldError as error:
-                request.outcome.code = error.code
+                request.outcome.code, request.outcome.message = error.code, error.message
                 response = refusal(error)
             except Exception as exc:
                 response = self.gateway.internal_error(exc, request.head, request.outcome)
@@ -541,7 +541,7 @@ class GatewayProtocol(asyncio.Protocol):
         try:
             response = await self.gateway.forward(admitted, forwarded, request.outcome)
         except TwofoldError as error:
-            request.outcome.code = error.code
+            request.outcome.code, request.outcome.message = error.code, error.message
             response = refusal(error)
         except Exception as exc:
             response = self.gateway.internal_error(exc, request.head, request.outcome)
@@ -564,7 +564,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def _record(self, request: _Request, error: TwofoldError | None, status: int) -> None:
         if error is not None:
-            request.outcome.code = error.code
+            request.outcome.code, request.outcome.message = error.code, error.message
         head = request.head
         assert self.facts is not None
         self.gateway.record(

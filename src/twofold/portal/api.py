@@ -13,61 +13,26 @@ from typing import Any
 
 from aiohttp import web
 
+from twofold.portal.api_accounts import ACCOUNT_ROUTES
+from twofold.portal.api_base import _field, _json_body, _registry
 from twofold.portal.openapi import STR as _STR
 from twofold.portal.openapi import Route, openapi_document
-from twofold.portal.web import (
-    CONFIG,
-    REGISTRY,
-    check_json_text,
-    issuer_for,
-    read_form,
-    require_operator,
-    require_principal,
-)
+from twofold.portal.web import CONFIG, issuer_for, read_form, require_operator, require_principal
 from twofold.registry.rules import RegistryError
-from twofold.registry.service import Registry
-
-
-def _registry(request: web.Request) -> Registry:
-    return request.app[REGISTRY]
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except (ValueError, LookupError):  # not JSON, not UTF-8 (UnicodeDecodeError), unknown charset
-        raise RegistryError("the request body is not valid JSON", code="bad_json") from None
-    except RecursionError:
-        raise RegistryError(
-            "the request body is nested too deeply; a request is a flat JSON object", code="bad_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise RegistryError("the request body must be a JSON object", code="bad_json")
-    check_json_text(body)
-    return body
-
-
-def _field(
-    body: dict[str, Any], name: str, kind: type = str, *, required: bool = True, default: Any = None
-) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        if required:
-            raise RegistryError(f"the field {name!r} is required", code="field_missing")
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RegistryError(f"the field {name!r} must be a {kind.__name__}", code="field_invalid")
-    return value
-
 
 # --- handlers ------------------------------------------------------------------------------
 
 
 async def me(request: web.Request) -> web.Response:
     who = require_principal(request)
-    return web.json_response({"email": who.name, "organisation": who.org_slug, "roles": sorted(who.roles)})
+    return web.json_response(
+        {
+            "email": who.name,
+            "organisation": who.org_slug,
+            "roles": sorted(who.roles),
+            "second_factor": who.mfa_enrolled,
+        }
+    )
 
 
 async def environments(request: web.Request) -> web.Response:
@@ -582,6 +547,7 @@ ROUTES: list[Route] = [
         query=("expect_head",),
         tags=("audit",),
     ),
+    *ACCOUNT_ROUTES,
 ]
 
 

@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from twofold.errors import TwofoldError
-from twofold.portal import api, csr, notices, pages
+from twofold.portal import api, csr, notices, pages, pages_account, pages_dashboard
 from twofold.portal.web import (
     CONFIG,
     CSRF,
@@ -127,5 +127,7 @@ def init_app(registry: Registry, config: PortalConfig | None = None) -> web.Appl
     app.router.add_routes(pages.routes)
     app.router.add_routes(csr.routes)
     app.router.add_routes(notices.routes)
+    app.router.add_routes(pages_account.routes)
+    app.router.add_routes(pages_dashboard.routes)
     app.router.add_static("/static", HERE / "static", append_version=True)
     return app

@@ -37,15 +37,44 @@ def _registry(request: web.Request) -> Registry:
 
 
 PASSWORD_PAGE = "/account/password"
+CODE_PAGE = "/login/code"
+ENROL_PAGE = "/account/mfa"
 
 
-def _signed_in(request: web.Request, *, allow_one_time: bool = False) -> Principal:
+def _signed_in(
+    request: web.Request, *, allow_one_time: bool = False, allow_second_factor_pending: bool = False
+) -> Principal:
+    """The signed-in user, or a redirect to the step their sign-in still needs: the
+    authenticator code (enrolled), then a new password (one-time password), then setting
+    up the second factor (API Security users and operators who have none yet)."""
     who = principal(request)
     if who is None:
         raise web.HTTPSeeOther(f"/login?next={quote(request.path_qs)}")
+    if allow_second_factor_pending:
+        return who
+    if who.mfa_enrolled and not who.mfa_passed:
+        raise web.HTTPSeeOther(CODE_PAGE)
     if who.must_change_password and not allow_one_time:
         raise web.HTTPSeeOther(PASSWORD_PAGE)  # a one-time password opens this page only
+    if who.needs_second_factor and not allow_one_time:
+        raise web.HTTPSeeOther(ENROL_PAGE)
     return who
+
+
+def start_session(
+    request: web.Request, cookie: str, location: str, flash: str | None = None
+) -> web.HTTPSeeOther:
+    """A redirect that sets the new session's cookie."""
+    response = _redirect(request, location, flash)
+    _set_session_cookie(request, response, cookie)
+    return response
+
+
+def same_site_form(request: web.Request, what: str) -> None:
+    """Forms that work without a session (sign-in, links): browsers say where a form came
+    from; another site must not post them for a visitor. Scripts send no Sec-Fetch-Site."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        raise Forbidden(what, code="cross_site_login")
 
 
 async def _form(request: web.Request) -> dict[str, Any]:
@@ -132,10 +161,8 @@ async def login_page(request: web.Request) -> web.Response:
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
     # Login CSRF: another site must not sign a visitor in to an account of its choosing (whose
-    # organisation would then receive the visitor's certificates). Browsers say where a form
-    # came from; scripts and CLIs send no Sec-Fetch-Site and are not affected.
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        raise Forbidden("sign in from the portal's own sign-in page", code="cross_site_login")
+    # organisation would then receive the visitor's certificates).
+    same_site_form(request, "sign in from the portal's own sign-in page")
     form = await read_form(request)
     email = str(form.get("email", "")).strip()
     password = str(form.get("password", ""))
@@ -158,11 +185,14 @@ async def login(request: web.Request) -> web.StreamResponse:
             limiter.cancel(address, email)
             return await render(request, "login.html", context, status=error.status, error=error)
         return await render(request, "login.html", context, status=401, error=error)
-    limiter.succeeded(address, email)
     cookie, _csrf = await _registry(request).create_session(who)
-    response = web.HTTPSeeOther(next_url)
-    _set_session_cookie(request, response, cookie)
-    raise response
+    if who.mfa_enrolled:
+        # Earlier failures are forgiven only once the code passes: wrong codes count with wrong
+        # passwords, so the password cannot be used to reset the count for code guessing.
+        limiter.cancel(address, email)  # this attempt passed; the earlier failures stay
+        raise start_session(request, cookie, f"{CODE_PAGE}?next={quote(next_url)}")
+    limiter.succeeded(address, email)
+    raise start_session(request, cookie, next_url)
 
 
 def _set_session_cookie(request: web.Request, response: web.StreamResponse, cookie: str) -> None:
@@ -191,7 +221,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 @routes.get("/")
 async def home(request: web.Request) -> web.StreamResponse:
     who = _signed_in(request)
-    raise web.HTTPSeeOther("/admin/organisations" if who.is_operator else "/security")
+    raise web.HTTPSeeOther("/admin/overview" if who.is_operator else "/dashboard")
 
 
 # --- security: certificates ----------------------------------------------------------------------
@@ -464,6 +494,7 @@ async def _admin(
     context: dict[str, Any] = {
         "orgs": await registry.list_orgs(who),
         "users": await registry.list_users(who),
+        "invitations": await registry.list_invitations(who),
         "envs": await registry.list_environments(),
         "products": await registry.list_products(),
     }

@@ -3,6 +3,7 @@ login rate limiting."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import traceback
@@ -21,7 +22,7 @@ from twofold.issuing import IssuingCAs
 from twofold.mail import Mailer
 from twofold.registry.auth import Principal
 from twofold.registry.rules import Forbidden, RegistryError, Unauthorized
-from twofold.registry.service import Registry
+from twofold.registry.service import DEFAULT_LINK_LIFETIME, Registry
 
 log = logging.getLogger("twofold.portal")
 
@@ -37,6 +38,7 @@ class PortalConfig:
     gateway_urls: tuple[tuple[str, str], ...] = ()  # (environment id, base URL) shown to users
     public_url: str = "https://localhost:8000"  # the portal as people reach it: links in mail
     mailer: Mailer | None = None  # None: the portal sends no mail (tests of other things)
+    link_lifetime: dt.timedelta = DEFAULT_LINK_LIFETIME  # activation and password-reset links
     issuers: IssuingCAs | None = None  # the environments' issuing CAs (None: the portal issues nothing)
     notice_jwks: dict[str, Any] | None = None  # verifies the portal's signed expiry notices
 

@@ -24,12 +24,16 @@ from twofold.registry.auth import (
 )
 from twofold.registry.base import RegistryBase, _slug
 from twofold.registry.models import (
+    AccountLink,
     ApiToken,
     Certificate,
     CnOwner,
+    GatewayCall,
+    GatewayFirstSuccess,
     Organisation,
     Project,
     ProjectProduct,
+    RecoveryCode,
     SandboxPayment,
     Session,
     User,
@@ -56,6 +60,8 @@ def user_view(row: User, org_slug: str | None) -> dict[str, Any]:
         "roles": roles,
         "role_labels": [ROLE_LABELS[r] for r in roles],
         "active": row.active,
+        "pending_activation": bool(row.pending_activation),
+        "second_factor": row.totp_enabled_at is not None,
         "created_at": row.created_at.isoformat(),
     }
 
@@ -70,7 +76,7 @@ class SessionsMixin(RegistryBase):
 
     # --- authentication ---------------------------------------------------------------------
 
-    async def _principal_for(self, session: AsyncSession, user: User) -> Principal:
+    async def _principal_for(self, session: AsyncSession, user: User, *, mfa_passed: bool) -> Principal:
         slug = None
         if user.org_id is not None:
             slug = (
@@ -83,6 +89,8 @@ class SessionsMixin(RegistryBase):
             slug,
             frozenset(r for r in user.roles.split(",") if r),
             bool(user.must_change_password),
+            mfa_enrolled=user.totp_enabled_at is not None,
+            mfa_passed=mfa_passed,
         )
 
     async def authenticate(self, email: str, password: str) -> Principal:
@@ -92,7 +100,7 @@ class SessionsMixin(RegistryBase):
             ok = await asyncio.to_thread(check_password, user.password_hash if user else None, password)
             if not user or not ok or not user.active:
                 raise Unauthorized("wrong email or password", code="login_failed")
-            return await self._principal_for(session, user)
+            return await self._principal_for(session, user, mfa_passed=False)
 
     async def create_session(self, principal: Principal) -> tuple[str, str]:
         """A new session: (cookie value, CSRF token). Only the cookie's hash is stored."""
@@ -130,7 +138,8 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 return None
-            return await self._principal_for(session, user), row.csrf_token
+            principal = await self._principal_for(session, user, mfa_passed=row.mfa_at is not None)
+            return principal, row.csrf_token
 
     async def end_session(self, cookie: str) -> None:
         async def work(session: AsyncSession) -> None:
@@ -140,6 +149,7 @@ class SessionsMixin(RegistryBase):
 
     async def create_token(self, actor: Principal, name: str = "api", *, for_email: str | None = None) -> str:
         """A personal API token (shown once). Operators may create one for another user."""
+        self._need_second_factor(actor)
         token = new_secret(TOKEN_PREFIX)
 
         async def work(session: AsyncSession) -> None:
@@ -184,7 +194,7 @@ class SessionsMixin(RegistryBase):
             user = await session.get(User, row.user_id)
             if user is None or not user.active:
                 raise Unauthorized("the API token's user is deactivated", code="token_invalid")
-            principal = await self._principal_for(session, user)
+            principal = await self._principal_for(session, user, mfa_passed=True)
         return principal
 
     async def list_tokens(self, actor: Principal) -> list[dict[str, Any]]:
@@ -279,7 +289,11 @@ class AccountsMixin(SessionsMixin):
             )
             await session.execute(delete(Session).where(Session.user_id.in_(user_ids)))
             await session.execute(delete(ApiToken).where(ApiToken.user_id.in_(user_ids)))
+            await session.execute(delete(AccountLink).where(AccountLink.user_id.in_(user_ids)))
+            await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id.in_(user_ids)))
             await session.execute(delete(User).where(User.org_id == org.id))
+            await session.execute(delete(GatewayCall).where(GatewayCall.org_id == org.id))
+            await session.execute(delete(GatewayFirstSuccess).where(GatewayFirstSuccess.org_id == org.id))
             await session.execute(delete(ProjectProduct).where(ProjectProduct.project_id.in_(project_ids)))
             await session.execute(delete(Project).where(Project.org_id == org.id))
             await session.execute(delete(Certificate).where(Certificate.org_id == org.id))
@@ -380,6 +394,7 @@ class AccountsMixin(SessionsMixin):
             user = await self._user_by_email(session, email)
             user.password_hash = hashed
             user.must_change_password = one_time
+            user.pending_activation = False  # an operator's one-time password activates too
             await session.execute(delete(Session).where(Session.user_id == user.id))
             revoked = 0
             if email != actor.name:  # an operator's reset (a suspected compromise): tokens go too

@@ -15,6 +15,7 @@ DEVELOPER = "developer"
 OPERATOR = "operator"
 ROLES = (API_SECURITY, DEVELOPER, OPERATOR)
 ROLE_LABELS = {API_SECURITY: "API Security", DEVELOPER: "Developer", OPERATOR: "Operator"}
+MFA_ROLES = frozenset({API_SECURITY, OPERATOR})  # a second factor is required for these
 TOKEN_PREFIX = "tf_"
 
 _hasher = PasswordHasher()
@@ -38,10 +39,24 @@ class Principal:
     org_slug: str | None = None
     roles: frozenset[str] = frozenset()
     must_change_password: bool = False  # signed in with a one-time password
+    mfa_enrolled: bool = False  # has a confirmed TOTP second factor
+    # Passed the second factor in this session. API tokens and the operator's CLI count as
+    # passed: a token is made only by a session that passed it (or by an operator).
+    mfa_passed: bool = False
 
     @property
     def is_operator(self) -> bool:
         return OPERATOR in self.roles
+
+    @property
+    def mfa_required(self) -> bool:
+        """API Security users and operators must use a second factor."""
+        return bool(self.roles & MFA_ROLES)
+
+    @property
+    def needs_second_factor(self) -> bool:
+        """Signed in with the password only, but the account asks for more."""
+        return (self.mfa_required or self.mfa_enrolled) and not self.mfa_passed
 
     @property
     def manages_certificates(self) -> bool:
@@ -52,7 +67,7 @@ class Principal:
         return DEVELOPER in self.roles and self.org_id is not None
 
 
-SYSTEM = Principal("system", roles=frozenset({OPERATOR}))
+SYSTEM = Principal("system", roles=frozenset({OPERATOR}), mfa_passed=True)
 
 
 def parse_roles(value: str | list[str] | tuple[str, ...]) -> frozenset[str]:

@@ -3,6 +3,7 @@ watch, and the helpers shared by the aggregates (organisations, users, certifica
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
@@ -48,6 +49,8 @@ class RegistryBase:
         self.engine = engine
         self.url = url
         self.sessions: Sessions = sessionmaker(engine)
+        # What time it is for links, second-factor codes and the dashboard: tests move it.
+        self.clock: Callable[[], dt.datetime] = utcnow
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, readonly: bool = False) -> Self:
@@ -88,6 +91,16 @@ class RegistryBase:
     def _need_operator(actor: Principal) -> None:
         if not actor.is_operator:
             raise Forbidden("only platform operators may do this", code="operator_only")
+
+    @staticmethod
+    def _need_second_factor(actor: Principal) -> None:
+        """Credential changes need a session that passed the second factor (where the
+        account has or needs one)."""
+        if actor.needs_second_factor:
+            raise Forbidden(
+                "confirm this session with your authenticator code first (sign out and in again)",
+                code="second_factor_required",
+            )
 
     @staticmethod
     async def _user_by_email(session: AsyncSession, email: str) -> User:

@@ -74,6 +74,7 @@ class CertificatesMixin(RegistryBase):
             raise Forbidden(
                 "only users with the API Security role may add certificates", code="api_security_only"
             )
+        self._need_second_factor(actor)
         async with self.sessions() as session:
             env = await session.get(Environment, env_id)
             if env is None:
@@ -254,6 +255,7 @@ class CertificatesMixin(RegistryBase):
             raise Forbidden(
                 "only users with the API Security role may remove certificates", code="api_security_only"
             )
+        self._need_second_factor(actor)
         fingerprint = fingerprint.strip().lower().replace(":", "")
 
         async def work(session: AsyncSession) -> dict[str, Any]:

@@ -87,6 +87,13 @@ class User(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # A generated (one-time) password: the portal asks for a new one at first sign-in.
     must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Invited, the activation link not used yet: no password, cannot sign in.
+    pending_activation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # TOTP second factor (RFC 6238): the base32 secret, set while enrolling and kept once
+    # confirmed (totp_enabled_at); the time step of the last accepted code (no replays).
+    totp_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    totp_enabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    totp_last_counter: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiToken(Base):
@@ -108,6 +115,74 @@ class Session(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    mfa_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)  # passed the 2nd factor
+
+
+class RecoveryCode(Base):
+    """Single-use codes that stand in for the authenticator (stored as SHA-256)."""
+
+    __tablename__ = "recovery_codes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    __table_args__ = (UniqueConstraint("user_id", "code_hash"),)
+
+
+class AccountLink(Base):
+    """A single-use, expiring link sent by mail: activation of an invited user, or a
+    password reset. Only the SHA-256 of the link's secret is stored."""
+
+    __tablename__ = "account_links"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # activate | reset
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    __table_args__ = (CheckConstraint("purpose IN ('activate', 'reset')", name="ck_link_purpose"),)
+
+
+class GatewayCall(Base):
+    """One gateway request of an identified organisation, as its users see it on the
+    dashboard (the newest 100 per organisation and environment are kept). No bodies, no
+    header values, no JWS: the refusal message is the gateway's own text."""
+
+    __tablename__ = "gateway_calls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    environment_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    product: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(300))
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    __table_args__ = (Index("ix_gateway_calls_org_env", "org_id", "environment_id", "id"),)
+
+
+class GatewayRefusals(Base):
+    """Refused gateway requests counted per minute, environment and outcome code (whether
+    or not the caller was identified): the operators' overview of the last hour."""
+
+    __tablename__ = "gateway_refusals"
+    environment_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class GatewayFirstSuccess(Base):
+    """When an organisation's first successful call went through in an environment (the
+    onboarding checklist's last item; kept when the call itself has left the recent list)."""
+
+    __tablename__ = "gateway_first_success"
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"), primary_key=True)
+    environment_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class Environment(Base):

@@ -2,7 +2,7 @@
 seen (shared by every worker and node); the provider's published signing keys (one JWKS)
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0003
 Create Date: 2026-12-02
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
