@@ -204,7 +204,9 @@ async def _seed(url: str, upstream: int, m: gb.Material, signature_pem: bytes) -
         user = await registry.add_user(
             SYSTEM, "bench@bench.example", org="bench", roles="api_security,developer", password=None
         )
-        actor = Principal(user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]))
+        actor = Principal(
+            user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]), mfa_passed=True
+        )  # as an API token would be
         project = await registry.create_project(actor, "bench")
         for path, (product, window, sign) in PRODUCTS.items():
             await registry.save_product(

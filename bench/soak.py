@@ -107,7 +107,9 @@ async def seed(url: str, client: Client, protect: bool) -> None:
         user = await registry.add_user(
             SYSTEM, "soak@soak.example", org="soak", roles="api_security,developer", password=None
         )
-        actor = Principal(user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]))
+        actor = Principal(
+            user["email"], user["id"], org["id"], org["slug"], parse_roles(user["roles"]), mfa_passed=True
+        )  # as an API token would be
         project = await registry.create_project(actor, "soak")
         await registry.set_project_product(actor, project["id"], "payments", "cat", present=True)
         await registry.add_certificate(actor, "cat", "mtls", client.mtls_pem)
