@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
 SERVE_ARGS ?=   # e.g. make run SERVE_ARGS="--config twofold.toml" (other ports, PostgreSQL …)
 
-.PHONY: run test lint typecheck unit bench bench-gateway system-deps clean walkthrough
+.PHONY: run test lint typecheck unit bench bench-gateway bench-replay soak system-deps clean walkthrough
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ bench: $(DEPS) system-deps
 ## requests/s and new mTLS handshakes/s, about 5 minutes); exits 1 when a target is missed.
 bench-gateway: $(DEPS) system-deps
 	$(BIN)/python bench/gateway_bench.py
+
+## make bench-replay: what replay protection and signed responses cost (the pieces, then
+## through serve under wrk beside plain signed requests; about two minutes).
+bench-replay: $(DEPS) system-deps
+	$(BIN)/python bench/replay_bench.py
+
+## make soak: 100 keep-alive clients x 60 s of signed payments through the gateway; exits 1
+## on any error or when serve's memory grows 10% or more between the first and last third.
+soak: $(DEPS)
+	$(BIN)/python bench/soak.py --clients 100 --seconds 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist src/*.egg-info

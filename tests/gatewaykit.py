@@ -411,6 +411,31 @@ def tls_outcome(
         raw.close()
 
 
+def post_at_once(
+    clients: list[Callable[[], httpx.Client]], path: str, body: bytes, headers: dict[str, str]
+) -> list[int]:
+    """The same POST on one connection per client factory, all released at the same moment
+    (each connection handshaken first, with a GET of the balance); the statuses, sorted."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(clients))
+
+    def send(make: Callable[[], httpx.Client]) -> None:
+        with make() as client:
+            client.get("/accessapi/balance")
+            start.wait()
+            status = client.post(path, content=body, headers=headers).status_code
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=send, args=(make,)) for make in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return sorted(statuses)
+
+
 def wait_until(check: Callable[[], bool], deadline: float, interval: float = 0.02) -> float:
     started = time.monotonic()
     while not check():

@@ -391,5 +391,5 @@ def test_call_writes_the_body_to_a_file_and_accepts_x5t(served: Shell, creds: Pa
 def test_admin_lists_have_a_header_row(served: Shell) -> None:
     """Item 11: `admin product list` printed rows without saying what the columns are."""
     rows = ok(served.twofold("admin", "product", "list")).stdout.splitlines()
-    assert rows[0].split() == ["PRODUCT", "PATH", "SIGNATURE", "UPSTREAM"]
+    assert rows[0].split() == ["PRODUCT", "PATH", "SIGNATURE", "UPSTREAM", "PROTECTION"]
     assert {line.split()[0] for line in rows[1:]} == {"balance", "echo", "payments"}

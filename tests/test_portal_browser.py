@@ -639,6 +639,49 @@ def test_operator_creates_an_organisation_and_a_user(portal: PortalServer, new_t
     tab.expected_problem(r"status of 409")
 
 
+def test_operator_turns_on_replay_protection_and_signed_responses(
+    portal: PortalServer, new_tab: NewTab
+) -> None:
+    portal.add_user("ops-products@platform.test", org=None, roles="operator")
+    tab = new_tab()
+    page = tab.page
+    sign_in(tab, "ops-products@platform.test", next_path="/admin/products")
+    expect(page.get_by_role("heading", level=1)).to_have_text("API products")
+    page.get_by_label("Id", exact=True).fill("ob-payments")
+    page.get_by_label("Name", exact=True).fill("OB payments")
+    page.get_by_label("Path prefix").fill("/ob/v3/payments")
+    page.get_by_label("Upstream").fill("sandbox:payments")
+    page.get_by_label("Signature", exact=True).select_option("required")
+    page.get_by_label("Window (seconds; empty: off)").fill("120")
+    page.get_by_label("Signing time field").fill("header:http://openbanking.org.uk/iat")
+    page.get_by_label("Unique id field").fill("Data.Initiation.InstructionIdentification")
+    page.get_by_label("The gateway signs JSON responses").check()
+    page.get_by_role("button", name="Save API product").click()
+    expect(page.get_by_role("status")).to_have_text("Saved API product ob-payments")
+    row = page.locator("table.list tbody tr", has_text="ob-payments")
+    expect(row).to_contain_text("± 120 s")
+    expect(row).to_contain_text("header:http://openbanking.org.uk/iat")
+    expect(row.locator("td").last).to_have_text("yes")
+    saved = next(p for p in portal.call(portal.reg.list_products()) if p["id"] == "ob-payments")
+    assert (saved["replay_window"], saved["replay_id"], saved["sign_responses"]) == (
+        120,
+        "Data.Initiation.InstructionIdentification",
+        True,
+    )
+    # Replay protection without signed requests is refused with a message saying why.
+    page.get_by_label("Id", exact=True).fill("ob-payments")
+    page.get_by_label("Name", exact=True).fill("OB payments")
+    page.get_by_label("Path prefix").fill("/ob/v3/payments")
+    page.get_by_label("Upstream").fill("sandbox:payments")
+    page.get_by_label("Signature", exact=True).select_option("none")
+    page.get_by_label("Window (seconds; empty: off)").fill("120")
+    page.get_by_role("button", name="Save API product").click()
+    expect(page.locator("main > .notice.err")).to_contain_text(
+        re.compile("replay protection needs signed requests", re.IGNORECASE)
+    )
+    tab.expected_problem(r"status of 400")
+
+
 def test_developer_creates_a_project_and_adds_an_api_product(portal: PortalServer, new_tab: NewTab) -> None:
     _, developer = org_with_users(portal, "acme")
     portal.call(

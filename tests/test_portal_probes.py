@@ -513,6 +513,171 @@ def test_mutated_uploads_through_the_page_never_get_a_5xx(
     tally.finish(caplog, EXAMPLES_PAGE)
 
 
+# --- structured uploads: built from what PEM and DER are made of, not only mutations ---------------
+
+PEM_LABELS = [
+    "CERTIFICATE",
+    "TRUSTED CERTIFICATE",
+    "X509 CERTIFICATE",
+    "CERTIFICATE REQUEST",
+    "NEW CERTIFICATE REQUEST",
+    "PKCS7",
+    "X509 CRL",
+    "PUBLIC KEY",
+    "RSA PUBLIC KEY",
+    "PRIVATE KEY",
+    "EC PRIVATE KEY",
+    "ENCRYPTED PRIVATE KEY",
+    "",
+]
+
+
+def _length(draw: st.DrawFn, size: int) -> bytes:
+    """A DER length for ``size``: right (short or long form), indefinite, or wrong."""
+    kind = draw(st.sampled_from(["right", "right", "long", "indefinite", "off", "huge"]))
+    if kind == "right" and size < 128:
+        return bytes([size])
+    if kind in ("right", "long"):
+        raw = size.to_bytes(max(1, (size.bit_length() + 7) // 8), "big")
+        return bytes([0x80 | len(raw)]) + raw
+    if kind == "indefinite":
+        return b"\x80"
+    if kind == "off":
+        return bytes([min(127, max(0, size + draw(st.integers(-3, 3))))])
+    return b"\x84\xff\xff\xff\xff"
+
+
+@st.composite
+def der_element(draw: st.DrawFn, pieces: list[bytes], depth: int = 0) -> bytes:
+    """A TLV: a SEQUENCE, SET, context tag, OID, INTEGER or string around pieces of a valid
+    certificate, random bytes or further TLVs."""
+    tag = draw(
+        st.sampled_from([0x30, 0x31, 0xA0, 0xA3, 0x06, 0x02, 0x03, 0x04, 0x0C, 0x13, 0x17, 0x05, 0x00])
+    )
+    parts = []
+    for _ in range(draw(st.integers(0, 3))):
+        choice = draw(st.integers(0, 2 if depth < 3 else 1))
+        if choice == 0:
+            source = draw(st.sampled_from(pieces))
+            at = draw(st.integers(0, len(source)))
+            parts.append(source[at : at + draw(st.integers(0, 300))])
+        elif choice == 1:
+            parts.append(draw(st.binary(max_size=24)))
+        else:
+            parts.append(draw(der_element(pieces, depth + 1)))
+    content = b"".join(parts)
+    tail = b"\x00\x00" if draw(st.booleans()) else b""
+    return bytes([tag]) + _length(draw, len(content)) + content + tail
+
+
+@st.composite
+def pem_text(draw: st.DrawFn, ders: list[bytes]) -> bytes:
+    """PEM as people paste it: blocks of any label (a private key among them sometimes), RFC
+    1421 headers, any line length, CRLF, a BOM, text around and between, an END that does not
+    match or is missing."""
+    blocks = []
+    for _ in range(draw(st.integers(1, 3))):
+        if (
+            draw(st.integers(0, 2)) == 0
+        ):  # a clean certificate block, so that the checks after parsing are reached
+            b64 = base64.b64encode(draw(st.sampled_from(ders))).decode()
+            lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+            blocks.append("\n".join(["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----"]))
+            continue
+        label = draw(st.sampled_from(PEM_LABELS))
+        body_der = draw(
+            st.sampled_from(ders) | st.binary(max_size=200) | mutated(draw(st.sampled_from(ders)))
+        )
+        b64 = base64.b64encode(body_der).decode()
+        if draw(st.integers(0, 5)) == 0:
+            b64 = b64.rstrip("=") + draw(st.sampled_from(["!", "=", "==", "===", "-_", " "]))
+        width = draw(st.sampled_from([64, 64, 76, 1, 10_000]))
+        lines = [b64[i : i + width] for i in range(0, len(b64), width)] or [""]
+        headers = (
+            ["Proc-Type: 4,ENCRYPTED", "DEK-Info: AES-128-CBC,00"] if draw(st.integers(0, 8)) == 0 else []
+        )
+        end = label if draw(st.integers(0, 5)) else draw(st.sampled_from(PEM_LABELS))
+        block = [f"-----BEGIN {label}-----", *headers, *lines]
+        if draw(st.integers(0, 8)):
+            block.append(f"-----END {end}-----")
+        blocks.append("\n".join(block))
+    text = draw(st.sampled_from(["", "subject=CN=x\n", "Bag Attributes\n    localKeyID: 01\n"])).join(
+        ["", *blocks]
+    )
+    data = text.encode("latin-1", "replace") + b"\n"
+    if draw(st.booleans()):
+        data = data.replace(b"\n", b"\r\n")
+    if draw(st.integers(0, 6)) == 0:
+        data = b"\xef\xbb\xbf" + data
+    return data
+
+
+@st.composite
+def structured_upload(draw: st.DrawFn, ders: list[bytes]) -> bytes:
+    if draw(st.booleans()):
+        return draw(pem_text(ders))
+    return draw(der_element(ders))
+
+
+STRUCTURED = int(os.environ.get("TWOFOLD_PROBE_EXAMPLES", "600"))
+
+
+def test_structured_uploads_are_accepted_or_refused_with_a_code(bases: dict[str, bytes]) -> None:
+    """The upload parser itself (what the API and the page call), on many examples: it accepts
+    a certificate or raises a RegistryError with a code — never another exception — and a file
+    with a private key in it is always refused as one."""
+    from twofold.crypto import _pem
+    from twofold.registry.rules import RegistryError, inspect_upload
+
+    stranger = LocalCA("twofold probe stranger CA").issue("probe-stranger", usage="client").certificate
+    self_signed = certs.self_signed_certificate(rsa_key(2048), "/O=Probe/CN=probe-self", usage="client")
+    ders = [*sorted(bases.values()), certs.certificate_der(stranger), certs.certificate_der(self_signed)]
+    codes: dict[str, int] = {}
+
+    @settings(PROBE, max_examples=STRUCTURED)
+    @given(
+        data=structured_upload(ders), use=st.sampled_from(["mtls", "signature"]), self_signed=st.booleans()
+    )
+    def probe(data: bytes, use: str, self_signed: bool) -> None:
+        _pem.describe(data)
+        try:
+            inspect_upload(
+                data,
+                use=use,
+                allow_self_signed=self_signed,
+                trusted_cas=[UPLOAD_CA.certificate, PROD_CA.certificate],
+                environment_name="Client Testing (cat)",
+            )
+            code, message = "accepted", "-"
+        except RegistryError as error:
+            code, message = error.code, error.message
+        assert message
+        codes[code] = codes.get(code, 0) + 1
+        if b"PRIVATE KEY-----" in data:
+            assert code == "private_key_uploaded", data[:200]
+
+    probe()
+    print(f"\nstructured uploads (parser): {STRUCTURED} examples, outcomes {dict(sorted(codes.items()))}")
+    assert {"not_a_certificate", "private_key_uploaded"} <= set(codes), codes
+    assert len(codes) >= 5, codes  # the structure reaches many checks, not one
+
+
+def test_structured_uploads_through_the_api_never_get_a_5xx(
+    portal: Portal, bases: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    tally = Tally("API, structured")
+    ders = sorted(bases.values())
+
+    @settings(PROBE, max_examples=EXAMPLES_PAGE)
+    @given(data=structured_upload(ders), as_file=st.booleans())
+    def probe(data: bytes, as_file: bool) -> None:
+        tally.check(_api_request(portal, "der" if as_file else "pem-text", data), "structured")
+
+    probe()
+    tally.finish(caplog, EXAMPLES_PAGE)
+
+
 def test_the_mutation_strategy_damages_what_it_is_given() -> None:
     """The property tests are only as good as their mutations: most examples differ from the
     base, and some of those still parse as a certificate (the damaged-but-parseable kind)."""

@@ -31,6 +31,7 @@ from gatewaykit import (
 )
 from twofold.crypto import certs, keys
 from twofold.lifecycle import JWKS_PATH, NoticeSigner
+from twofold.provider_keys import ProviderKey
 from twofold.registry.auth import SYSTEM
 
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
@@ -221,7 +222,11 @@ def test_the_expiry_metric_and_the_notice_jwks_are_served(world: World, issued: 
     )
     jwks = httpx.get(world.portal + JWKS_PATH, verify=world.client_context(None), timeout=10).json()
     signer = NoticeSigner.load_or_create(world.config.data / "portal" / "notice-signing.key")
-    assert jwks == signer.jwks()
+    responses = ProviderKey.load_or_create(world.config.response_key_path)
+    # One JWKS: the notice key and the gateway's response key, public halves only.
+    assert sorted(jwks["keys"], key=lambda k: k["kid"]) == sorted(
+        [signer.jwk, responses.jwk], key=lambda k: k["kid"]
+    )
 
 
 def test_the_portal_shows_a_banner_for_certificates_expiring_soon(world: World, tmp_path: Path) -> None:

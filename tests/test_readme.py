@@ -115,6 +115,8 @@ def test_the_readme_runs_top_to_bottom(served: Shell) -> None:
     # What the steps say they do, they did.
     assert output.count('"paymentInitiationResponse"') >= 2, output  # twofold call and curl
     assert "refused, as it should be (exit 3)" in output, output
+    assert "the replay was refused (exit 4)" in output, output  # 409 replay_detected
+    assert "replay_detected" in output, output
     assert "audit log intact" in output, output
     gitignore_covers_what_it_wrote(root)
 

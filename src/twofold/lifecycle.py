@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +30,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from twofold import __version__
-from twofold.crypto import jws, keys
-from twofold.crypto.jwk import jwk_from_public_key
 from twofold.mail import Mailer
+from twofold.provider_keys import JWKS_PATH as JWKS_PATH
+from twofold.provider_keys import ProviderKey
 from twofold.registry.notices import THRESHOLDS, DueNotice, ExpiryFact
 from twofold.registry.service import Registry
 
 log = logging.getLogger("twofold.lifecycle")
 Clock = Callable[[], dt.datetime]
-JWKS_PATH = "/.well-known/jwks.json"
 NOTICE_TYPE = "certificate.expiring"
 
 
@@ -51,38 +48,26 @@ def system_clock() -> dt.datetime:
 # --- the portal's notice key --------------------------------------------------------------------
 
 
-class NoticeSigner:
-    """The portal's key for signed notices (RS256) and the JWKS that verifies them."""
+class NoticeSigner(ProviderKey):
+    """The portal's key for signed notices (RS256), one of the provider keys the portal's
+    JWKS lists (:mod:`twofold.provider_keys`)."""
+
+    purpose = "notices"
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
-        self.key = key
-        public = jwk_from_public_key(key.public_key())
-        canonical = json.dumps({k: public[k] for k in ("e", "kty", "n")}, separators=(",", ":"))
-        self.kid = jws.b64url_encode(hashlib.sha256(canonical.encode()).digest())  # RFC 7638 thumbprint
-        self.jwk = {**public, "kid": self.kid, "use": "sig", "alg": "RS256"}
+        super().__init__(key, alg="RS256", name="the notice signing key")
 
     @classmethod
-    def load_or_create(cls, path: Path) -> NoticeSigner:
+    def load_or_create(cls, path: Path, *, alg: str | None = None) -> NoticeSigner:
         """The key in ``path`` (0600), made on first use."""
-        if path.exists():
-            key = keys.load_private_key(path.read_bytes(), name=str(path))
-            if not isinstance(key, rsa.RSAPrivateKey):
-                raise ValueError(f"{path} is not an RSA key")
-            return cls(key)
-        key = keys.generate_private_key("rsa", bits=2048)
-        assert isinstance(key, rsa.RSAPrivateKey)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(keys.private_key_bytes(key))
+        key = ProviderKey.load_or_create(path, alg="RS256").key
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{path} is not an RSA key")
         return cls(key)
-
-    def jwks(self) -> dict[str, Any]:
-        return {"keys": [self.jwk]}
 
     def sign(self, claims: dict[str, Any]) -> str:
         payload = json.dumps(claims, separators=(",", ":"), sort_keys=True).encode()
-        return jws.sign(payload, self.key, alg="RS256", kid=self.kid, typ="JWT")
+        return self.sign_bytes(payload, typ="JWT")
 
 
 # --- what a notice says -------------------------------------------------------------------------

@@ -32,12 +32,14 @@ from twofold.errors import UsageError
 from twofold.gateway.listeners import Listener
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
+from twofold.gateway.signing import ResponseSigner
 from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
 from twofold.lifecycle import ExpiryNotifier, NoticeSigner
 from twofold.listener import ConnectionLimits, GuardedSite, raise_nofile_limit
 from twofold.mail import DEFAULT_SENDER, MailSettings, make_mailer, read_password
 from twofold.portal.app import init_app
 from twofold.portal.web import PortalConfig
+from twofold.provider_keys import ProviderKey
 from twofold.registry.auth import SYSTEM, new_password
 from twofold.registry.db import check_sqlite_location, database_failure, redact
 from twofold.registry.service import Registry
@@ -65,9 +67,20 @@ class ServeConfig:
     body_timeout: float = ConnectionLimits.body_timeout
     idle_timeout: float = ConnectionLimits.idle_timeout
     max_connections: int = ConnectionLimits.max_connections  # per listener
+    # Gateways keep serving from their last registry snapshot this long while the database
+    # cannot be reached, then refuse (503 registry_unavailable) until it is back.
+    registry_grace: float = 300.0
+    # Replay ids are flushed to disk before the request is forwarded; false: visible to every
+    # node at once all the same, but a database crash may forget the last moment's ids.
+    replay_durable: bool = True
+    # The gateway's key for signed responses (products with sign_responses), made on first
+    # start: default <data>/gateway/response-signing.key. Every node's key is published in the
+    # registry and listed in the portal's JWKS.
+    response_signing_key: str | None = None
+    response_signing_alg: str = "ES256"  # ES256 (EC P-256), PS256 or RS256 (RSA)
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+        for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections", "registry_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise UsageError(f"{name} must be a positive number, not {value!r}")
@@ -103,6 +116,10 @@ class ServeConfig:
     @property
     def db_url(self) -> str:
         return self.db or str(self.data / "twofold.db")
+
+    @property
+    def response_key_path(self) -> Path:
+        return Path(self.response_signing_key or self.data / "gateway" / "response-signing.key")
 
     @property
     def public_url(self) -> str:
@@ -188,6 +205,8 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "issuing_ca": (dict, None),
     "local_issuing_ca": (bool, None),
     "notice_interval": ((int, float), (0.001, 30 * 86400)),
+    "registry_grace": ((int, float), (0.001, 30 * 86400)),
+    "replay_durable": (bool, None),
     "link_lifetime_hours": ((int, float), (0.01, 24 * 30)),
 }
 
@@ -197,10 +216,12 @@ def _check_settings(path: str, raw: dict[str, Any]) -> None:
     for name, value in raw.items():
         if name == "ports":
             if not isinstance(value, dict) or not all(
-                isinstance(p, int) and not isinstance(p, bool) and _PORT[0] <= p <= _PORT[1]
+                isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= _PORT[1]  # 0: no gateway
                 for p in value.values()
             ):
-                raise UsageError(f"{path}: [ports] maps environments to port numbers, e.g. cat = 8443")
+                raise UsageError(
+                    f"{path}: [ports] maps environments to port numbers (0: no gateway), e.g. cat = 8443"
+                )
             continue
         kind, bounds = _SETTINGS.get(name, (str, None))  # the rest are strings (mail, URLs, files)
         wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
@@ -406,10 +427,16 @@ class _GatewayProcess:
         envs = await registry.list_environments()
         # the same limits as the portal's: one cap per listener, fitted to the open-files limit
         limits = config.limits.fitted(listeners=1 + len(envs), nofile=raise_nofile_limit())
+        # The response key is in the registry (so in the portal's JWKS) before it signs anything.
+        signer = ResponseSigner(
+            ProviderKey.load_or_create(config.response_key_path, alg=config.response_signing_alg)
+        )
+        await registry.publish_signing_key("responses", signer.key.jwk)
         gateway = Gateway(
             registry,
             key=tls.server_key,
             certificate=tls.server_cert,
+            signer=signer,
             config=GatewayConfig(
                 max_body=config.max_body,
                 upstream_timeout=config.upstream_timeout,
@@ -418,6 +445,8 @@ class _GatewayProcess:
                 body_timeout=limits.body_timeout,
                 idle_timeout=limits.idle_timeout,
                 max_connections=limits.max_connections,
+                registry_grace=config.registry_grace,
+                replay_durable=config.replay_durable,
             ),
         )
         await gateway.start()
@@ -484,6 +513,7 @@ async def run(
         envs = await registry.list_environments()
         gateways = await _GatewayProcess.start(config, registry, tls, 0)
         signer = NoticeSigner.load_or_create(config.data / "portal" / "notice-signing.key")
+        await registry.publish_signing_key(signer.purpose, signer.jwk)
         notifier = ExpiryNotifier(registry, mailer=mailer, signer=signer, portal_url=config.public_url)
         # The expiry metric is served with the gateway's on the admin listener, not computed on
         # the request path: the notifier keeps its facts fresh.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from twofold import __version__
+from twofold.cli import admin_catalogue  # noqa: F401 (registers the catalogue's `admin` commands)
 from twofold.cli._common import Group
 from twofold.cli.admin import admin
 from twofold.cli.call import call

@@ -23,7 +23,15 @@ from twofold.cli._common import (
     read_input,
     write_file,
 )
-from twofold.client import JOSE, LEGACY_XML, client_context, explain_tls_failure, signing_auth
+from twofold.client import (
+    JOSE,
+    LEGACY_XML,
+    ResponseSignatureError,
+    ResponseVerifier,
+    client_context,
+    explain_tls_failure,
+    signing_auth,
+)
 from twofold.crypto import certs
 from twofold.errors import ClientError, UsageError
 
@@ -88,6 +96,8 @@ def _pretty(content: bytes, content_type: str) -> str:
         "      --cert mtls.crt --key mtls.key --sign-key sign.key --sign-cert sign.crt --cacert ca.pem -v",
         "twofold call https://localhost:8443/accessapi/balance --cert mtls.crt --key mtls.key -o balance.json",
         "twofold call https://api.bank.example/x --cert client.p12 --passphrase-file p.txt -d '{\"a\":1}'",
+        "twofold call https://localhost:8443/tsapi/v1/payments -d @payment.json --cert mtls.crt --key mtls.key \\\n"
+        "      --sign-key sign.key --cacert ca.pem --verify-response https://localhost:8000/.well-known/jwks.json",
     ),
 )
 @click.argument("url")
@@ -130,6 +140,14 @@ def _pretty(content: bytes, content_type: str) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print status, headers, body and TLS facts as JSON.")
 @click.option(
+    "--verify-response",
+    "verify_response",
+    metavar="JWKS",
+    help="Verify the gateway's signed response (application/jose) against this JWKS — the portal's "
+    "https://…/.well-known/jwks.json or a file — and print its JSON payload; exit 1 when a 2xx "
+    "answer is unsigned or its signature does not hold.",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(0, 3600, min_open=True),
     default=30.0,
@@ -160,6 +178,7 @@ def call(
     raw: bool,
     output: str | None,
     as_json: bool,
+    verify_response: str | None,
     timeout: float,
 ) -> None:
     parts = urlsplit(url)
@@ -218,8 +237,17 @@ def call(
         fail(error)
     sent = response.request
     signed_payload = sent.extensions.get("twofold.signed_payload")
+    received = response  # as it arrived (a signed one: its JWS), for -v
+    if verify_response:
+        try:
+            response = ResponseVerifier(verify_response, verify=verify, timeout=timeout).verified(response)
+        except ResponseSignatureError as refused:
+            fail(refused)
     if verbose:
-        _show_verbose(sent, response, tls, signed_payload, auth)
+        _show_verbose(sent, received, tls, signed_payload, auth)
+        signature = response.extensions.get("twofold.response_header")
+        if signature:
+            err.print(f"* response signature verified: {json.dumps(signature)}", markup=False)
     content_type_in = response.headers.get("content-type", "")
     if as_json:
         try:

@@ -2,8 +2,10 @@
 
 >>> from twofold.client import Client
 >>> with Client("https://localhost:8443", cert="mtls.crt", key="mtls.key",
-...             signing_key="sign.key", verify="ca.pem") as api:
+...             signing_key="sign.key", verify="ca.pem",
+...             verify_response="https://localhost:8000/.well-known/jwks.json") as api:
 ...     r = api.post("/tsapi/v1/payments", json={"paymentIdentifiers": {"endToEndId": "E2E-1"}})
+...     r.json()   # the gateway's signed answer, verified against the portal's JWKS
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ import httpx
 from cryptography import x509
 
 from twofold.client.auth import JOSE, LEGACY_XML, JWSAuth
+from twofold.client.responses import (
+    AsyncVerifyingTransport,
+    JwksSource,
+    ResponseSignatureError,
+    ResponseVerifier,
+    VerifyingTransport,
+)
 from twofold.client.tls import (
     CertSource,
     KeySource,
@@ -32,6 +41,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "JWSAuth",
+    "ResponseSignatureError",
+    "ResponseVerifier",
     "client_context",
     "explain_tls_failure",
     "load_client_credentials",
@@ -78,9 +89,26 @@ def _options(
     alg: str | None,
     kid: str | None,
     content_type: str,
+    verify_response: JwksSource | ResponseVerifier | None,
+    kwargs: dict[str, Any],
+    asynchronous: bool,
 ) -> dict[str, Any]:
     context = client_context(cert=cert, key=key, passphrase=passphrase, verify=verify)
     options: dict[str, Any] = {"verify": context}
+    if verify_response is not None:
+        verifier = (
+            verify_response
+            if isinstance(verify_response, ResponseVerifier)
+            else ResponseVerifier(verify_response, verify=verify)
+        )
+        transport_options = {n: kwargs.pop(n) for n in ("limits", "http1", "http2") if n in kwargs}
+        inner = kwargs.pop("transport", None)
+        if asynchronous:
+            inner = inner or httpx.AsyncHTTPTransport(verify=context, **transport_options)
+            options["transport"] = AsyncVerifyingTransport(inner, verifier)
+        else:
+            inner = inner or httpx.HTTPTransport(verify=context, **transport_options)
+            options["transport"] = VerifyingTransport(inner, verifier)
     if signing_key is not None:
         options["auth"] = signing_auth(
             signing_key,
@@ -95,7 +123,10 @@ def _options(
 
 class Client(httpx.Client):
     """An ``httpx.Client`` that authenticates with a client certificate and, given a
-    ``signing_key``, sends every request body as a compact JWS (RS256 by default)."""
+    ``signing_key``, sends every request body as a compact JWS (RS256 by default). With
+    ``verify_response`` (the portal's JWKS URL, a JWKS file or dict, or a
+    :class:`ResponseVerifier`) every signed response is verified and its JSON payload becomes
+    the content; an unsigned 2xx or a bad signature raises :class:`ResponseSignatureError`."""
 
     def __init__(
         self,
@@ -111,6 +142,7 @@ class Client(httpx.Client):
         alg: str | None = None,
         kid: str | None = None,
         content_type: str = JOSE,
+        verify_response: JwksSource | ResponseVerifier | None = None,
         **kwargs: Any,
     ) -> None:
         options = _options(
@@ -124,6 +156,9 @@ class Client(httpx.Client):
             alg,
             kid,
             content_type,
+            verify_response,
+            kwargs,
+            asynchronous=False,
         )
         super().__init__(base_url=base_url, **options, **kwargs)
 
@@ -145,6 +180,7 @@ class AsyncClient(httpx.AsyncClient):
         alg: str | None = None,
         kid: str | None = None,
         content_type: str = JOSE,
+        verify_response: JwksSource | ResponseVerifier | None = None,
         **kwargs: Any,
     ) -> None:
         options = _options(
@@ -158,5 +194,8 @@ class AsyncClient(httpx.AsyncClient):
             alg,
             kid,
             content_type,
+            verify_response,
+            kwargs,
+            asynchronous=True,
         )
         super().__init__(base_url=base_url, **options, **kwargs)

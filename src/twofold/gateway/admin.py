@@ -20,6 +20,12 @@ def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None
         body: dict[str, Any] = {
             "ready": ok,
             "registry_version": gateway.snapshot.version if gateway.snapshot else None,
+            # The registry's last answer; past the grace period requests are refused (503).
+            "registry": {
+                "last_answer_seconds_ago": round(gateway.registry_age, 1),
+                "grace_seconds": gateway.config.registry_grace,
+                "serving": gateway.serving,
+            },
         }
         return web.json_response(body, status=200 if ok else 503)
 

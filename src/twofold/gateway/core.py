@@ -24,10 +24,11 @@ from twofold.gateway.listeners import Connections
 from twofold.gateway.metrics import Metrics
 from twofold.gateway.pipeline import Admitted, Outcome
 from twofold.gateway.sandbox import Forwarded
+from twofold.gateway.signing import ResponseSigner
 from twofold.gateway.snapshot import Snapshot, load_snapshot
 from twofold.gateway.trust import Trust
 from twofold.gateway.wire import Limits
-from twofold.registry.db import is_sqlite, normalise_url
+from twofold.registry.db import RegistryUnavailable, is_sqlite, normalise_url
 from twofold.registry.service import Registry
 
 log = logging.getLogger("twofold.gateway")
@@ -44,6 +45,10 @@ class GatewayConfig:
     body_timeout: float = 30.0  # from the last header to the last byte of the body
     idle_timeout: float = 75.0  # idle between requests
     max_connections: int = 10000  # per listener (and the process's descriptor limit caps them all)
+    # The registry unreachable: requests are served from the last snapshot for this long,
+    # then refused (503 registry_unavailable) until it answers again.
+    registry_grace: float = 300.0
+    replay_durable: bool = True  # replay ids committed to disk before the request is forwarded
 
     @property
     def limits(self) -> Limits:
@@ -66,12 +71,15 @@ class Gateway:
         chain: tuple[x509.Certificate, ...] = (),
         config: GatewayConfig | None = None,
         metrics: Metrics | None = None,
+        signer: ResponseSigner | None = None,
     ) -> None:
         self.registry = registry
         self.config = config or GatewayConfig()
         self.metrics = metrics or Metrics()
         self.trust = Trust(key, certificate, chain)
-        self.forwarder = Forwarder(registry, self.config.upstream_timeout)
+        self.forwarder = Forwarder(
+            registry, self.config.upstream_timeout, signer, replay_durable=self.config.replay_durable
+        )
         self.limits = self.config.limits
         self.connections = Connections()
         self.snapshot: Snapshot | None = None
@@ -147,6 +155,17 @@ class Gateway:
             5.0, 20 * self.config.poll_interval
         )
 
+    @property
+    def registry_age(self) -> float:
+        """Seconds since the registry last answered a poll."""
+        return time.monotonic() - self._last_poll
+
+    @property
+    def serving(self) -> bool:
+        """False once the registry has not answered for longer than ``registry_grace``: the
+        snapshot may no longer say who is allowed in (failed closed)."""
+        return self.snapshot is not None and self.registry_age <= self.config.registry_grace
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -173,6 +192,8 @@ class Gateway:
         """identify → route → authorise → the declared length (before the body)."""
         snapshot = self.snapshot
         assert snapshot is not None
+        if time.monotonic() - self._last_poll > self.config.registry_grace:
+            raise _failed_closed(self.config.registry_grace)
         return pipeline.admit(snapshot, facts, head, self.config.max_body, outcome)
 
     def prepare(
@@ -227,3 +248,10 @@ class Gateway:
                     separators=(",", ":"),
                 )
             )
+
+
+def _failed_closed(grace: float) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"the gateway has not reached its registry for more than {grace:g} s, so it cannot tell who "
+        f"may call: try again in {RegistryUnavailable.retry_after} seconds"
+    )

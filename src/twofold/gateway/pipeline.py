@@ -21,6 +21,7 @@ from json.scanner import make_scanner
 from typing import Any, cast
 
 from twofold.errors import JWSError, TwofoldError
+from twofold.gateway import replay
 from twofold.gateway.facts import ConnectionFacts, RequestHead
 from twofold.gateway.sandbox import Forwarded
 from twofold.gateway.snapshot import ClientCert, Product, Snapshot
@@ -465,6 +466,7 @@ def prepare(
     body = read(head, body, max_body)
     payload, content_type = verify(admitted, head, body, facts.environment, max_body, outcome)
     client = admitted.client
+    policy = admitted.product.replay
     return Forwarded(
         head.method,
         head.path,
@@ -475,4 +477,8 @@ def prepare(
         client.org_id,
         client.org,
         facts.environment,
+        # A replay-protected product: the signed time and id (recorded by the forward step).
+        None
+        if policy is None or outcome.signature_fingerprint is None
+        else replay.claim(policy, body, payload, client.org_id, client.org, time.time()),
     )

@@ -30,7 +30,7 @@ import httptools
 from twofold.errors import TwofoldError
 from twofold.gateway import pipeline
 from twofold.gateway.facts import ConnectionFacts, RequestHead
-from twofold.gateway.forward import Response, error_response
+from twofold.gateway.forward import Response, refusal
 from twofold.gateway.pipeline import Admitted, GatewayError, Outcome
 from twofold.gateway.sandbox import Forwarded
 from twofold.gateway.upstream import UpstreamResponse
@@ -507,7 +507,7 @@ class GatewayProtocol(asyncio.Protocol):
             else:
                 request.discard = True
                 request.body = []
-        self._write(request, error_response(error.status, error.code, error.message))
+        self._write(request, refusal(error))
 
     def _start(self, request: _Request) -> None:
         """read → verify, then forward (asynchronously: the upstream answers later)."""
@@ -533,7 +533,7 @@ class GatewayProtocol(asyncio.Protocol):
                 response = forwarder.relay(admitted.product, forwarded, request.outcome, done)
             except TwofoldError as error:
                 request.outcome.refused(error)
-                response = error_response(error.status, error.code, error.message)
+                response = refusal(error)
             except Exception as exc:
                 response = self.gateway.internal_error(exc, request.head, request.outcome)
             self._busy = False
@@ -547,7 +547,7 @@ class GatewayProtocol(asyncio.Protocol):
             response = await self.gateway.forward(admitted, forwarded, request.outcome)
         except TwofoldError as error:
             request.outcome.refused(error)
-            response = error_response(error.status, error.code, error.message)
+            response = refusal(error)
         except Exception as exc:
             response = self.gateway.internal_error(exc, request.head, request.outcome)
         self._busy, self._task = False, None

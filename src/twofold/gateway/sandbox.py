@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import parse_qs
 
 from twofold.errors import TwofoldError
 from twofold.registry.service import Registry
+
+if TYPE_CHECKING:
+    from twofold.gateway.replay import Claim
 
 
 @dataclass(slots=True)  # built for every request: a frozen dataclass costs a microsecond more
@@ -26,6 +29,7 @@ class Forwarded:
     org_id: int
     org: str
     environment: str
+    replay: Claim | None = None  # an id to record before forwarding (twofold.gateway.replay)
 
 
 Answer = tuple[int, Any]

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from twofold.crypto import jws
+from twofold.gateway.replay import ReplayPolicy
 from twofold.registry.catalogue import environment_cas
 from twofold.registry.models import (
     ApiProduct,
@@ -57,6 +58,8 @@ class Product:
     signature: str  # required | optional | none
     content_types: frozenset[str]
     algorithms: tuple[str, ...]
+    replay: ReplayPolicy | None = None  # replay protection (twofold.gateway.replay)
+    sign_responses: bool = False  # the gateway signs the upstream's JSON answers
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ async def _load(session: AsyncSession) -> Snapshot:
                 p.signature,
                 frozenset(p.content_types),
                 tuple(p.algorithms),
+                ReplayPolicy.of(p.replay_window, p.replay_iat, p.replay_id),
+                bool(p.sign_responses),
             )
             for p in (await session.execute(select(ApiProduct))).scalars()
         ),

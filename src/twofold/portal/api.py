@@ -73,6 +73,10 @@ async def save_product(request: web.Request) -> web.Response:
         signature=_field(body, "signature", required=False, default="required"),
         content_types=_field(body, "content_types", list, required=False),
         algorithms=_field(body, "algorithms", list, required=False),
+        replay_window=_field(body, "replay_window", int, required=False),
+        replay_iat=_field(body, "replay_iat", required=False),
+        replay_id=_field(body, "replay_id", required=False),
+        sign_responses=_field(body, "sign_responses", bool, required=False),
     )
     return web.json_response(product, status=201)
 
@@ -353,6 +357,14 @@ ROUTES: list[Route] = [
                 "signature": {"type": "string", "enum": ["required", "optional", "none"]},
                 "content_types": {"type": "array", "items": _STR},
                 "algorithms": {"type": "array", "items": _STR},
+                "replay_window": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "refuse replays: signing time within ± seconds, ids once (0: off)",
+                },
+                "replay_iat": {"type": "string", "description": "payload field (iat) or header:<name>"},
+                "replay_id": {"type": "string", "description": "payload field (jti) or header:<name>"},
+                "sign_responses": {"type": "boolean", "description": "the gateway signs JSON answers"},
             },
         },
         tags=("products",),

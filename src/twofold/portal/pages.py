@@ -593,10 +593,25 @@ async def admin_save_product(request: web.Request) -> web.StreamResponse:
             upstream=str(form.get("upstream", "")),
             signature=str(form.get("signature", "required")),
             content_types=[str(c) for c in form.getall("content_types", [])] or None,
+            **_product_protection(form),
         )
     except TwofoldError as error:
         return await _admin(request, "admin_products.html", status=error_status(error), error=error)
     raise _redirect(request, "/admin/products", f"Saved API product {product['id']}")
+
+
+def _product_protection(form: Any) -> dict[str, Any]:
+    """Replay protection and signed responses as the product form sets them (the whole form
+    is the product: an empty window turns replay protection off)."""
+    window = str(form.get("replay_window", "")).strip()
+    if window and not window.isdigit():
+        raise RegistryError("the replay window is a whole number of seconds", code="product_invalid")
+    return {
+        "replay_window": int(window) if window else 0,
+        "replay_iat": str(form.get("replay_iat", "")).strip() or "iat",
+        "replay_id": str(form.get("replay_id", "")).strip() or "jti",
+        "sign_responses": form.get("sign_responses") == "on",
+    }
 
 
 @routes.get("/audit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -46,6 +48,31 @@ DEFAULT_ENVIRONMENTS = [
     },
 ]
 MAX_VALIDITY_DAYS = 825  # what an operator may allow at most (the CA/B Forum's old ceiling)
+MAX_REPLAY_WINDOW = 86400  # seconds: a day at most either side of the gateway's clock
+HEADER_FIELD = "header:"  # a replay field read from the JWS protected header, not the payload
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_$@:/.#+-]{1,120}")
+
+
+def field_ref(value: str, what: str) -> tuple[bool, tuple[str, ...]]:
+    """Where a replay field is: ``(True, (name,))`` for ``header:<name>`` (a JWS header
+    parameter, e.g. ``header:http://openbanking.org.uk/iat``), else ``(False, path)`` for a
+    payload field — ``iat``, or ``Data.Initiation.InstructionIdentification`` for a nested one."""
+    value = value.strip()
+    if value.startswith(HEADER_FIELD):
+        name = value[len(HEADER_FIELD) :]
+        if not _FIELD_NAME.fullmatch(name):
+            raise RegistryError(
+                f"{what} {value!r}: write header:<parameter name>, e.g. header:http://openbanking.org.uk/iat",
+                code="product_invalid",
+            )
+        return True, (name,)
+    path = tuple(value.split("."))
+    if not value or len(path) > 8 or not all(p and _FIELD_NAME.fullmatch(p) and "/" not in p for p in path):
+        raise RegistryError(
+            f"{what} {value!r}: name a payload field (iat, or a.b.c for a nested one) or header:<parameter>",
+            code="product_invalid",
+        )
+    return False, path
 
 
 def product_view(row: ApiProduct) -> dict[str, Any]:
@@ -57,6 +84,10 @@ def product_view(row: ApiProduct) -> dict[str, Any]:
         "signature": row.signature,
         "content_types": list(row.content_types),
         "algorithms": list(row.algorithms),
+        "replay_window": row.replay_window,
+        "replay_iat": row.replay_iat,
+        "replay_id": row.replay_id,
+        "sign_responses": bool(row.sign_responses),
     }
 
 
@@ -247,7 +278,13 @@ class CatalogueMixin(RegistryBase):
         signature: str = "required",
         content_types: list[str] | None = None,
         algorithms: list[str] | None = None,
+        replay_window: int | None = None,
+        replay_iat: str | None = None,
+        replay_id: str | None = None,
+        sign_responses: bool | None = None,
     ) -> dict[str, Any]:
+        """Create or replace a product. The replay and response-signing settings are kept as
+        they are when not given (``replay_window=0`` turns replay protection off)."""
         self._need_operator(actor)
         product_id = _slug(product_id, "the product id")
         if signature not in SIGNATURE_POLICIES:
@@ -270,6 +307,7 @@ class CatalogueMixin(RegistryBase):
         if bad:
             raise RegistryError(f"unsupported signature algorithms: {', '.join(bad)}", code="product_invalid")
         content_types = content_types or list(DEFAULT_CONTENT_TYPES)
+        protection = Protection.checked(replay_window, replay_iat, replay_id, sign_responses)
 
         async def work(session: AsyncSession) -> dict[str, Any]:
             clash = (
@@ -284,10 +322,11 @@ class CatalogueMixin(RegistryBase):
             row = await session.get(ApiProduct, product_id)
             created = row is None
             if row is None:
-                row = ApiProduct(id=product_id)
+                row = ApiProduct(id=product_id, replay_iat="iat", replay_id="jti", sign_responses=False)
                 session.add(row)
             row.name, row.path_prefix, row.upstream, row.signature = name, path_prefix, upstream, signature
             row.content_types, row.algorithms = content_types, algorithms
+            protection.apply(row)
             await session.flush()
             await audit.append(
                 session,
@@ -301,3 +340,81 @@ class CatalogueMixin(RegistryBase):
             return product_view(row)
 
         return await self._tx(work)
+
+    async def set_product_protection(
+        self,
+        actor: Principal,
+        product_id: str,
+        *,
+        replay_window: int | None = None,
+        replay_iat: str | None = None,
+        replay_id: str | None = None,
+        sign_responses: bool | None = None,
+    ) -> dict[str, Any]:
+        """Change only a product's replay protection and response signing."""
+        self._need_operator(actor)
+        protection = Protection.checked(replay_window, replay_iat, replay_id, sign_responses)
+
+        async def work(session: AsyncSession) -> dict[str, Any]:
+            row = await session.get(ApiProduct, product_id)
+            if row is None:
+                raise NotFound(f"no API product {product_id!r}", code="product_not_found")
+            protection.apply(row)
+            await session.flush()
+            await audit.append(
+                session,
+                actor=actor.name,
+                action="product.update",
+                object_type="product",
+                object_id=product_id,
+                details=product_view(row),
+            )
+            await self._bump(session)
+            return product_view(row)
+
+        return await self._tx(work)
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Replay protection and response signing as an operator sets them (None: unchanged)."""
+
+    replay_window: int | None
+    replay_iat: str | None
+    replay_id: str | None
+    sign_responses: bool | None
+
+    @classmethod
+    def checked(
+        cls, window: int | None, iat: str | None, id_field: str | None, sign: bool | None
+    ) -> Protection:
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_REPLAY_WINDOW
+        ):
+            raise RegistryError(
+                f"the replay window is a number of seconds from 1 to {MAX_REPLAY_WINDOW} (0 turns it off)",
+                code="product_invalid",
+            )
+        if iat is not None:
+            field_ref(iat, "the replay time field")
+            iat = iat.strip()
+        if id_field is not None:
+            field_ref(id_field, "the replay id field")
+            id_field = id_field.strip()
+        return cls(window, iat, id_field, sign)
+
+    def apply(self, row: ApiProduct) -> None:
+        if self.replay_window is not None:
+            row.replay_window = self.replay_window or None
+        if self.replay_iat is not None:
+            row.replay_iat = self.replay_iat
+        if self.replay_id is not None:
+            row.replay_id = self.replay_id
+        if self.sign_responses is not None:
+            row.sign_responses = self.sign_responses
+        if row.replay_window and row.signature != "required":
+            raise RegistryError(
+                "replay protection needs signed requests: set the product's signature to required, or "
+                "the replay window to 0",
+                code="product_invalid",
+            )

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -207,7 +208,41 @@ class ApiProduct(Base):
     signature: Mapped[str] = mapped_column(String(16))  # required | optional | none
     content_types: Mapped[list[str]] = mapped_column(JSON)
     algorithms: Mapped[list[str]] = mapped_column(JSON)
+    # Replay protection (None: off): the signing time within ± this many seconds and each
+    # request id once per organisation. Where they are: a payload field ("iat", "a.b") or a
+    # JWS header parameter ("header:http://openbanking.org.uk/iat").
+    replay_window: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    replay_iat: Mapped[str] = mapped_column(String(200), default="iat", server_default="iat")
+    replay_id: Mapped[str] = mapped_column(String(200), default="jti", server_default="jti")
+    # The gateway signs the upstream's JSON answers (compact JWS, its key in the portal's JWKS).
+    sign_responses: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     __table_args__ = (CheckConstraint("signature IN ('required', 'optional', 'none')", name="ck_signature"),)
+
+
+class ReplayId(Base):
+    """A request id a gateway accepted, per organisation, until the request's replay window
+    has passed (``expires_at``: seconds since the epoch). The primary key decides: of two
+    gateways given the same signed request, the one whose insert lands forwards it."""
+
+    __tablename__ = "replay_ids"
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"), primary_key=True)
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)  # SHA-256 of the id
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class SigningKey(Base):
+    """A public key the provider signs with (expiry notices, gateway responses), listed in the
+    portal's JWKS: each process publishes its key here before it signs anything with it.
+    Private keys are never here."""
+
+    __tablename__ = "signing_keys"
+    kid: Mapped[str] = mapped_column(String(100), primary_key=True)  # RFC 7638 thumbprint
+    purpose: Mapped[str] = mapped_column(String(16))  # notices | responses
+    jwk: Mapped[dict[str, Any]] = mapped_column(JSON)
+    published_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    __table_args__ = (CheckConstraint("purpose IN ('notices', 'responses')", name="ck_signing_key_purpose"),)
 
 
 class Project(Base):

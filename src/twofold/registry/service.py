@@ -8,7 +8,7 @@ operators manage organisations, users, environments and products.
 One class, :class:`Registry`, composed of one mixin per aggregate (each in its own module):
 sessions and tokens, accounts, invitations and links, the second factor, the catalogue,
 projects, certificates (and their issuance from CSRs), expiry notices, the sandbox's payments,
-recent gateway calls and dashboards;
+recent gateway calls and dashboards, the provider's published signing keys;
 their foundation (engine, transactions, audit) is :mod:`twofold.registry.base`.
 """
 
@@ -33,6 +33,7 @@ from twofold.registry.notices import NoticesMixin
 from twofold.registry.payments import PaymentsMixin
 from twofold.registry.projects import ProjectsMixin
 from twofold.registry.rules import USES
+from twofold.registry.signing_keys import SigningKeysMixin
 
 
 class Registry(
@@ -45,6 +46,7 @@ class Registry(
     NoticesMixin,
     PaymentsMixin,
     CallsMixin,
+    SigningKeysMixin,
 ):
     """Open with :meth:`open` (runs migrations), close with :meth:`close`."""
 
