@@ -6,7 +6,7 @@ DEPS   := $(VENV)/.deps-installed
 DATA   ?= data
 SERVE_ARGS ?=   # e.g. make run SERVE_ARGS="--config twofold.toml" (other ports, PostgreSQL …)
 
-.PHONY: run test lint typecheck unit bench bench-gateway bench-replay soak system-deps clean walkthrough
+.PHONY: run test lint typecheck unit bench bench-gateway bench-replay bench-scale soak system-deps clean walkthrough
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench-replay: $(DEPS) system-deps
 ## on any error or when serve's memory grows 10% or more between the first and last third.
 soak: $(DEPS)
 	$(BIN)/python bench/soak.py --clients 100 --seconds 60
+
+## make bench-scale: 100,000 registered certificates against 10 (PostgreSQL, behind the nginx
+## edge): start-up, memory, one change, rates; and what direct TLS would take
+bench-scale: $(DEPS) system-deps
+	$(BIN)/python bench/scale_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist src/*.egg-info

@@ -37,8 +37,14 @@ proxy share the CPUs, so this is what explains the ratios —, the load-generato
 against an nginx location that answers ``return 200`` itself over the same mTLS keep-alive
 connections), and how much CPU processes outside the bench took meanwhile.
 
+* **the edge** (unless ``--skip-edge``) — nginx with the configuration ``twofold edge config
+  nginx`` prints, terminating mTLS in front of ``twofold serve --edge nginx`` (plain HTTP on unix
+  sockets, the client certificate in nginx's header; twofold still identifies, authorises and
+  JWS-verifies every request). Its CPU is nginx's and twofold's together.
+
 Targets (exit status 1 when one is missed, after printing everything): with ``--workers W``
-on both sides, new handshakes/s ≥ 0.9× nginx and keep-alive signed requests/s ≥ 0.4× nginx.
+on both sides, new handshakes/s ≥ 0.9× nginx and keep-alive signed requests/s ≥ 0.4× nginx;
+through the edge, new handshakes/s ≥ 1.0× nginx alone (its keep-alive ratio is reported).
 Exit status 2: the set-up or a sanity check failed, nothing was measured.
 
     .venv/bin/python bench/gateway_bench.py [--rounds 7] [--seconds 3] [--workers 2]
@@ -73,6 +79,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from twofold.crypto import certs, jws, keys
+from twofold.edge_config import Plan, Site
+from twofold.edge_config import render as render_edge_config
+from twofold.gateway.edge import socket_path
 from twofold.registry.auth import SYSTEM, Principal, parse_roles
 from twofold.registry.service import Registry
 from twofold.serve import local_tls
@@ -83,6 +92,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 HANDSHAKE_TARGET = 0.9
 KEEPALIVE_TARGET = 0.4  # issue 10
+EDGE_HANDSHAKE_TARGET = 1.0  # nginx terminating mTLS in front of twofold --edge nginx
 PATH = "/tsapi/v1/payments"
 ENV = "cat"
 
@@ -478,10 +488,10 @@ def start_nginx_proxy(
     return start_nginx(services, f"nginx proxy (worker_processes {workers})", prefix, conf, port)
 
 
-async def seed_registry(data: Path, upstream: int, m: Material) -> None:
+async def seed_registry(data: Path, upstream: int, m: Material, db: str | None = None) -> None:
     """An organisation with the client's mTLS and signature certificates in ``cat`` and a
     project with a signature-required API product whose upstream is the bench upstream."""
-    registry = await Registry.open(str(data / "twofold.db"))
+    registry = await Registry.open(db or str(data / "twofold.db"))
     try:
         await registry.ensure_defaults()
         org = await registry.add_org(SYSTEM, "bench", "Bench Corp")
@@ -518,18 +528,20 @@ def server_tls(work: Path) -> Path:
 
 
 def start_twofold(
-    services: Services, work: Path, workers: int, upstream: int, m: Material, tls: Path
+    services: Services, work: Path, workers: int, upstream: int, m: Material, tls: Path, *, edge: bool = False
 ) -> Service:
-    data = work / f"twofold-w{workers}"
+    """``twofold serve``; with ``edge``, behind nginx (``--edge nginx``: plain HTTP on unix
+    sockets, the client certificate from nginx's header)."""
+    data = work / (f"twofold-edge-w{workers}" if edge else f"twofold-w{workers}")
     data.mkdir()
     for part in ("ca", "tls"):
         shutil.copytree(tls / part, data / part)
     asyncio.run(seed_registry(data, upstream, m))
     port, portal, admin = free_port(), free_port(), free_port()
     config = data / "twofold.toml"
-    config.write_text(f"ports = {{ {ENV} = {port}, prod = 0 }}\n")
+    config.write_text(f"ports = {{ {ENV} = {port}, prod = 0 }}\n" + ('edge = "nginx"\n' if edge else ""))
     service = services.start(
-        f"twofold serve --workers {workers}",
+        f"twofold serve --workers {workers}" + (" --edge nginx" if edge else ""),
         [
             TWOFOLD,
             "serve",
@@ -552,10 +564,42 @@ def start_twofold(
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as response:
+            if edge:
+                return response.status == 200 and all(p.is_socket() for p in edge_sockets(data, workers))
             return response.status == 200 and listening_sockets(port) >= workers
 
     wait_until(f"{service.name} to be ready with {workers} listener(s)", ready, service)
     return service
+
+
+def edge_sockets(data: Path, workers: int) -> list[Path]:
+    return [socket_path(data / "edge", ENV, index) for index in range(workers)]
+
+
+def start_nginx_edge(
+    services: Services, work: Path, workers: int, twofold: Service, tls: Path, data: Path | None = None
+) -> Service:
+    """nginx with the configuration `twofold edge config nginx` prints, in front of the
+    twofold started with ``edge`` (data directory ``data``): nginx terminates mTLS, twofold
+    does everything else."""
+    port = free_port()
+    data = data or work / f"twofold-edge-w{workers}"
+    prefix = work / f"edge-nginx-{data.name}"
+    plan = Plan(
+        edge="nginx",
+        sites=(Site(ENV, port, tuple(str(p) for p in edge_sockets(data, workers))),),
+        listen="127.0.0.1",
+        cert=tls / "tls" / "server.crt",
+        key=tls / "tls" / "server.key",
+        ca=tls / "ca" / "ca.crt",
+        run_dir=prefix,
+        user="root" if os.geteuid() == 0 else None,
+        worker_processes=workers,
+    )
+    conf = "daemon off;\n" + render_edge_config(plan)
+    return start_nginx(
+        services, f"edge: nginx (worker_processes {workers}) → {twofold.name}", prefix, conf, port
+    )
 
 
 # --- sanity checks with real clients --------------------------------------------------------
@@ -583,8 +627,8 @@ def sanity_check(services: list[Service], m: Material, ca: Path) -> None:
     certificate."""
     token, tampered = m.dir / "token.jws", m.dir / "tampered.jws"
     expected = json.loads(UPSTREAM_BODY)
-    twofold = [s for s in services if s.name.startswith("twofold")]
-    nginx = [s for s in services if not s.name.startswith("twofold")]
+    twofold = [s for s in services if s.name.startswith(("twofold", "edge"))]
+    nginx = [s for s in services if s.name.startswith("nginx")]
     for service in services:
         status, text = curl(service.port, m, ca, token)
         if status != 200 or json.loads(text or "null") != expected:
@@ -652,9 +696,15 @@ class Series:
 
 class Bench:
     def __init__(
-        self, args: argparse.Namespace, m: Material, upstream: Service, targets: dict[Task, Service]
+        self,
+        args: argparse.Namespace,
+        m: Material,
+        upstream: Service,
+        targets: dict[Task, Service],
+        behind: dict[str, Service] | None = None,
     ):
         self.args, self.m, self.upstream, self.targets = args, m, upstream, targets
+        self.behind = behind or {}  # an edge's name → the twofold behind it (its CPU is the side's too)
         self.wrk_env = {
             **os.environ,
             "LD_PRELOAD": str(m.shim),
@@ -664,8 +714,15 @@ class Bench:
 
     def _run(self, task: Task, seconds: float) -> Sample:
         service = self.targets[task]
+        pids = [service.process.pid] + (
+            [self.behind[service.name].process.pid] if service.name in self.behind else []
+        )
+
+        def side_cpu() -> float:
+            return sum(tree_cpu_seconds(pid) for pid in pids)
+
         target0, upstream0, client0, busy0 = (
-            tree_cpu_seconds(service.process.pid),
+            side_cpu(),
             tree_cpu_seconds(self.upstream.process.pid),
             children_cpu_seconds(),
             machine_busy_seconds(),
@@ -675,7 +732,7 @@ class Bench:
         else:
             count, elapsed = self._wrk(service.port, "/direct" if task.kind == "ceiling" else PATH, seconds)
         busy = machine_busy_seconds() - busy0
-        target = tree_cpu_seconds(service.process.pid) - target0
+        target = side_cpu() - target0
         upstream = tree_cpu_seconds(self.upstream.process.pid) - upstream0
         client = children_cpu_seconds() - client0
         return Sample(
@@ -857,6 +914,15 @@ def check_targets(results: dict[Task, Series], workers: int) -> list[tuple[str, 
                 ratio >= target,
             )
         )
+    edge = results.get(Task("handshake", "edge", workers))
+    if edge is not None:
+        checks.append(
+            (
+                f"{LABELS['handshake']} through the nginx edge with {workers} worker(s): {edge.ratio:.2f}× "
+                f"nginx alone, target ≥ {EDGE_HANDSHAKE_TARGET:.2f}×",
+                edge.ratio >= EDGE_HANDSHAKE_TARGET,
+            )
+        )
     return checks
 
 
@@ -871,6 +937,7 @@ def rows(results: dict[Task, Series], worker_counts: list[int]) -> list[dict[str
                     "workers": workers,
                     "twofold": ours,
                     "nginx": theirs,
+                    "edge": results.get(Task(kind, "edge", workers)),
                     "target": TARGETS[kind] if workers == worker_counts[0] else None,
                 }
             )
@@ -890,6 +957,28 @@ def markdown_report(results: dict[Task, Series], worker_counts: list[int], ceili
             f"| {LABELS[row['kind']]} | {row['workers']} | {ours.rate:,.0f} | {theirs.rate:,.0f} | "
             f"{ours.ratio:.2f}× | {target_text} | {verdict} |"
         )
+    edge_rows = [row for row in rows(results, worker_counts) if row["edge"] is not None]
+    if edge_rows:
+        lines += [
+            "",
+            "Behind the TLS edge: nginx terminating mTLS with `twofold edge config nginx`, in front of "
+            "`twofold serve --edge nginx` (unix sockets, the certificate in nginx's header, every request "
+            "identified, authorised and JWS-verified by twofold):",
+            "",
+            "| measurement | workers | nginx → twofold | nginx alone | ÷ nginx alone | CPU µs (nginx + twofold) | target |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for row in edge_rows:
+            edge, theirs = row["edge"], row["nginx"]
+            target = (
+                f"≥ {EDGE_HANDSHAKE_TARGET:.2f}× ({'pass' if edge.ratio >= EDGE_HANDSHAKE_TARGET else '**missed**'})"
+                if row["kind"] == "handshake" and row["workers"] == worker_counts[0]
+                else "reported"
+            )
+            lines.append(
+                f"| {LABELS[row['kind']]} | {row['workers']} | {edge.rate:,.0f} | {theirs.rate:,.0f} | "
+                f"{edge.ratio:.2f}× | {edge.cpu_us('target_cpu'):,.0f} | {target} |"
+            )
     lines += [
         "",
         "CPU time per request or handshake (median over rounds; µs of CPU, all processes of each group):",
@@ -938,10 +1027,19 @@ def text_report(results: dict[Task, Series], worker_counts: list[int], ceiling: 
             f"{theirs.rate:>10,.0f}{theirs.spread:>8.0%}{ours.ratio:>7.2f}×"
             f"{ours.cpu_us('target_cpu'):>9,.0f}{theirs.cpu_us('target_cpu'):>8,.0f}"
         )
+    for row in rows(results, worker_counts):
+        edge = row["edge"]
+        if edge is not None:
+            lines.append(
+                f"{'edge ' + short[row['kind']]:<22}{row['workers']:>3}{edge.rate:>10,.0f}{edge.spread:>8.0%}"
+                f"{row['nginx'].rate:>10,.0f}{row['nginx'].spread:>8.0%}{edge.ratio:>7.2f}×"
+                f"{edge.cpu_us('target_cpu'):>9,.0f}{row['nginx'].cpu_us('target_cpu'):>8,.0f}"
+            )
     lines.append(
         f"{'ceiling: nginx direct':<22}{worker_counts[0]:>3}{'':>18}{ceiling.rate:>10,.0f}{ceiling.spread:>8.0%}"
     )
     lines.append("\n  µs = server CPU time per request/handshake, all processes of that side")
+    lines.append("  edge = nginx terminating mTLS in front of twofold --edge nginx (both sides' CPU)")
     lines.append("  " + noise_line({**results, Task("ceiling", "nginx", worker_counts[0]): ceiling}))
     return "\n".join(lines)
 
@@ -1046,6 +1144,7 @@ def run(args: argparse.Namespace) -> int:
                 upstream = start_upstream(services, work)
                 targets: dict[Task, Service] = {}
                 started: list[Service] = []
+                edge_processes: dict[str, Service] = {}  # the edge's twofold, whose CPU counts too
                 for workers in worker_counts:
                     tf = start_twofold(services, work, workers, upstream.port, m, tls)
                     ng = start_nginx_proxy(
@@ -1061,10 +1160,17 @@ def run(args: argparse.Namespace) -> int:
                     for kind in ("keepalive", "handshake"):
                         targets[Task(kind, "twofold", workers)] = tf
                         targets[Task(kind, "nginx", workers)] = ng
+                    if not args.skip_edge:
+                        behind = start_twofold(services, work, workers, upstream.port, m, tls, edge=True)
+                        edge = start_nginx_edge(services, work, workers, behind, tls)
+                        started.append(edge)
+                        for kind in ("keepalive", "handshake"):
+                            targets[Task(kind, "edge", workers)] = edge
+                            edge_processes[edge.name] = behind
                     if workers == args.workers:
                         targets[Task("ceiling", "nginx", workers)] = ng
                 sanity_check(started, m, args.ca)
-                bench = Bench(args, m, upstream, targets)
+                bench = Bench(args, m, upstream, targets, edge_processes)
                 progress = sys.stderr.isatty()
                 if not args.json:
                     print(f"Gateway benchmark (twofold vs nginx)\n{describe_run(facts, args)}\n", flush=True)
@@ -1113,7 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=textwrap.dedent(
             """\
             Targets: handshakes ≥ 0.9× nginx and keep-alive signed requests ≥ 0.4× nginx,
-            with --workers on both sides. Exit 1 when one is missed, 2 when the set-up failed."""
+            with --workers on both sides; through the nginx edge, handshakes ≥ 1.0× nginx
+            alone. Exit 1 when one is missed, 2 when the set-up failed."""
         ),
     )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
@@ -1126,6 +1233,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip-single-worker", action="store_true", help="do not also compare 1 worker against 1 worker"
+    )
+    parser.add_argument(
+        "--skip-edge", action="store_true", help="do not measure nginx as the TLS edge in front of twofold"
     )
     parser.add_argument("--connections", type=int, default=64, help="wrk keep-alive connections (default 64)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests talk to (openssl, curl, jq, git, nginx, chromium), and what
+# Installs the Debian packages the tests talk to (openssl, curl, jq, git, nginx, haproxy, chromium), and what
 # bench/gateway_bench.py needs besides (wrk, and gcc + libc6-dev to build its small
 # client-certificate shim for wrk), when they are missing. Without root or apt, says loudly
 # what is missing; the suites that need it then report themselves as not run (and fail in
@@ -14,6 +14,7 @@ command -v nginx    >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-li
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v wrk      >/dev/null 2>&1 || need+=(wrk)
 command -v cc       >/dev/null 2>&1 || need+=(gcc)
+command -v haproxy  >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 if command -v dpkg >/dev/null 2>&1; then
   dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)
 fi

@@ -148,13 +148,18 @@ def serve_process(
         wait_until(lambda: _portal_up(served), 60, 0.2)
         yield served
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM to the process group a test started (``start_new_session``), SIGKILL after ``grace``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
 
 
 # --- driving a running serve from outside ------------------------------------------------------
@@ -171,6 +176,7 @@ class Member:
 @dataclass
 class Served:
     proc: ServeProcess
+    db: str | None = None  # the registry's URL when not SQLite in the data directory
 
     @property
     def data(self) -> Path:
@@ -197,7 +203,7 @@ class Served:
 
     def registry(self, work: Callable[[Registry], Awaitable[T]]) -> T:
         async def run() -> T:
-            registry = await Registry.open(str(self.data / "twofold.db"), migrate=False)
+            registry = await Registry.open(self.db or str(self.data / "twofold.db"), migrate=False)
             try:
                 return await work(registry)
             finally:
@@ -269,9 +275,12 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(work: Path) -> Iterator[Served]:
-    """:func:`serve_process` (access log off), ready once its gateway's /readyz says so."""
-    with serve_process(work) as proc:
+def serving(work: Path, settings: str = "", *, db: str | None = None) -> Iterator[Served]:
+    """:func:`serve_process` (access log off) with more TOML ``settings`` (and the registry at
+    ``db``), ready once its gateway's /readyz says so."""
+    if db is not None:
+        settings = f'db = "{db}"\n{settings}'
+    with serve_process(work, settings) as proc:
 
         def ready() -> bool:
             try:
@@ -280,7 +289,7 @@ def serving(work: Path) -> Iterator[Served]:
                 return False
 
         wait_until(ready, 30, 0.1)
-        yield Served(proc)
+        yield Served(proc, db)
 
 
 # --- a person's shell beside the serve -------------------------------------------------------

@@ -1,12 +1,10 @@
 """`twofold serve --workers 2` as an operator starts it: two gateway processes share the
-environment's port, each has its own admin listener, and a certificate removed in the
-registry is refused by both within a second."""
+environment's port, one admin listener answers for both (metrics merged, ready when both are),
+and a certificate removed in the registry is refused by both within a second."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +13,11 @@ import httpx
 import pytest
 
 import twofold
-from gatewaykit import PROPAGATION, free_port, seed_balance_client, wait_until
+from gatewaykit import PROPAGATION, seed_balance_client, wait_until
 from servekit import serve_process
 from twofold.crypto import certs, keys
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
-
-TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 
 
 @dataclass
@@ -45,8 +41,17 @@ class Served:
         except httpx.TransportError:
             return 0  # the handshake was refused
 
-    def requests_counted(self, admin_port: int) -> float:
-        text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
+    def metrics(self, worker: bool = False, own: bool = False) -> str:
+        """The node's /metrics; ``own``: the main process's alone; ``worker``: the extra
+        worker's, from its private socket."""
+        if worker:
+            transport = httpx.HTTPTransport(uds=str(self.data / "run" / "gateway-1.sock"))
+            with httpx.Client(transport=transport, timeout=5) as client:
+                return client.get("http://worker/metrics").text
+        query = "?process=main" if own else ""
+        return httpx.get(f"http://127.0.0.1:{self.admin}/metrics{query}", timeout=5).text
+
+    def requests_counted(self, text: str) -> float:
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -62,23 +67,10 @@ async def _remove(db: Path, fingerprint: str) -> None:
         await registry.close()
 
 
-def _free_port_pair() -> int:
-    """A port P with P + 1 free too: the extra worker's admin listener takes admin port + 1."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two consecutive free ports")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("workers")
-    with serve_process(work, "workers = 2", admin=_free_port_pair()) as process:
+    with serve_process(work, "workers = 2") as process:
 
         def ready(port: int) -> bool:
             if not process.alive():
@@ -88,7 +80,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             except httpx.TransportError:
                 return False
 
-        wait_until(lambda: ready(process.admin) and ready(process.admin + 1), 60, 0.2)
+        wait_until(lambda: ready(process.admin), 60, 0.2)  # ready: both processes are
         key = keys.generate_private_key("ec")
         cert = certs.self_signed_certificate(key, "/O=Acme/CN=acme-workers")
         (work / "mtls.crt").write_bytes(certs.certificate_pem(cert))
@@ -110,10 +102,20 @@ def test_both_gateway_processes_serve_the_port_and_count_their_own_requests(serv
     wait_until(lambda: _all_accept(served), PROPAGATION * 5)
     statuses = [served.call() for _ in range(24)]
     assert statuses == [200] * 24
-    main, worker = served.requests_counted(served.admin), served.requests_counted(served.admin + 1)
+    node = served.metrics()  # scraped first: the processes only count more afterwards
+    main = served.requests_counted(served.metrics(own=True))
+    worker = served.requests_counted(served.metrics(worker=True))
     assert main + worker >= 24
     assert main > 0, f"the worker process took every connection: {main} / {worker}"
     assert worker > 0, f"the main process took every connection: {main} / {worker}"
+    assert served.requests_counted(node) == main + worker  # one /metrics for the node
+    assert 'twofold_gateway_processes{state="answering"} 2.0' in node
+    latency = [line for line in node.splitlines() if line.startswith("twofold_gateway_request_seconds_count")]
+    assert latency, node
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in latency) >= main + worker
+    readiness = httpx.get(f"http://127.0.0.1:{served.admin}/readyz", timeout=5).json()
+    assert readiness["ready"] is True
+    assert [w["index"] for w in readiness["workers"]] == [1]
 
 
 def test_a_removed_certificate_is_refused_by_every_process_within_a_second(served: Served) -> None:

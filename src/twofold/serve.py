@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import errno
 import gc
+import grp
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,8 @@ from twofold import running
 from twofold.crypto import certs, keys
 from twofold.crypto.ca import LocalCA
 from twofold.errors import UsageError
+from twofold.gateway.edge import EDGES, EdgeListener, parse_proxies, socket_path
+from twofold.gateway.fleet import Workers, worker_socket
 from twofold.gateway.listeners import Listener
 from twofold.gateway.sandbox import DEFAULT_PRODUCTS
 from twofold.gateway.server import Gateway, GatewayConfig, admin_app, close_listener, serve_environment
@@ -79,7 +82,28 @@ class ServeConfig:
     response_signing_key: str | None = None
     response_signing_alg: str = "ES256"  # ES256 (EC P-256), PS256 or RS256 (RSA)
 
+    # Behind a TLS edge (nginx | haproxy | envoy): the gateways take plain HTTP from it, on unix
+    # sockets in edge_socket_dir (default <data>/edge) — or, with edge_proxies, on the
+    # environments' ports, honouring the certificate header from those addresses only.
+    edge: str | None = None
+    edge_proxies: list[str] = field(default_factory=list)
+    edge_socket_dir: str | None = None
+    edge_socket_group: str | None = None  # the edge's group, allowed to connect (sockets are 0660)
+
     def __post_init__(self) -> None:
+        if self.edge is not None and self.edge not in EDGES:
+            raise UsageError(f"edge must be one of {', '.join(EDGES)}, not {self.edge!r}")
+        if self.edge_proxies and self.edge is None:
+            raise UsageError('edge_proxies is for a TLS edge: set edge = "nginx" (or haproxy, envoy) too')
+        try:
+            parse_proxies(list(self.edge_proxies))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        if self.edge_socket_group is not None:
+            try:
+                grp.getgrnam(self.edge_socket_group)
+            except KeyError:
+                raise UsageError(f"edge_socket_group: there is no group {self.edge_socket_group!r}") from None
         for name in ("header_timeout", "body_timeout", "idle_timeout", "max_connections", "registry_grace"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -120,6 +144,16 @@ class ServeConfig:
     @property
     def response_key_path(self) -> Path:
         return Path(self.response_signing_key or self.data / "gateway" / "response-signing.key")
+
+    @property
+    def edge_sockets(self) -> Path | None:
+        """Where the gateways listen for the edge (None: not behind an edge, or on ports)."""
+        if self.edge is None or self.edge_proxies:
+            return None
+        return Path(self.edge_socket_dir) if self.edge_socket_dir else self.data / "edge"
+
+    def gateway_port(self, env: dict[str, Any]) -> int | None:
+        return self.ports.get(env["id"], env["gateway_port"]) or None
 
     @property
     def public_url(self) -> str:
@@ -208,6 +242,7 @@ _SETTINGS: dict[str, tuple[type | tuple[type, ...], tuple[float, float] | None]]
     "registry_grace": ((int, float), (0.001, 30 * 86400)),
     "replay_durable": (bool, None),
     "link_lifetime_hours": ((int, float), (0.01, 24 * 30)),
+    "edge_proxies": (list, None),  # __post_init__ checks each address or network
 }
 
 
@@ -233,6 +268,7 @@ def _check_settings(path: str, raw: dict[str, Any]) -> None:
                 int: "a whole number",
                 bool: "true or false",
                 dict: "a table",
+                list: "a list of strings",
             }
             expected = names.get(kind, "a number")
             limits = f" from {bounds[0]:g} to {bounds[1]:g}" if bounds else ""
@@ -371,22 +407,46 @@ def _configure_logging(access_log: bool) -> None:
 
 
 async def _gateway_listeners(
-    gateway: Gateway, config: ServeConfig, envs: list[dict[str, Any]], reuse_port: bool
-) -> list[Listener]:
-    listeners: list[Listener] = []
-    for env in envs:
-        port = config.ports.get(env["id"], env["gateway_port"])
-        if not port:
-            continue
-        try:
-            listeners.append(
-                await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
-            )
-        except OSError as exc:
-            for listener in listeners:
-                await close_listener(listener)
-            raise cannot_listen(exc, f"the {env['id']} gateway", config.host, port) from None
+    gateway: Gateway, config: ServeConfig, envs: list[dict[str, Any]], index: int
+) -> list[Listener | EdgeListener]:
+    """Process ``index``'s listeners: TLS on each environment's port (shared by the processes
+    with SO_REUSEPORT) — or, behind a TLS edge, plain HTTP for the edge on a unix socket of
+    this process's own per environment, or on the environment's port (``edge_proxies``)."""
+    listeners: list[Listener | EdgeListener] = []
+    reuse_port = config.workers > 1
+    sockets = config.edge_sockets
+    try:
+        for env in envs:
+            port = config.gateway_port(env)
+            if not port:
+                continue
+            try:
+                if config.edge is None:
+                    listeners.append(
+                        await serve_environment(gateway, env["id"], config.host, port, reuse_port=reuse_port)
+                    )
+                    continue
+                proxies = parse_proxies(config.edge_proxies) if config.edge_proxies else None
+                edge = EdgeListener(gateway, env["id"], EDGES[config.edge], proxies)
+                listeners.append(edge)
+                if sockets is not None:
+                    await edge.start_unix(socket_path(sockets, env["id"], index), config.edge_socket_group)
+                else:
+                    await edge.start_tcp(config.host, port, reuse_port=reuse_port)
+            except OSError as exc:
+                raise cannot_listen(exc, f"the {env['id']} gateway", config.host, port) from None
+    except BaseException:
+        for listener in listeners:
+            await _close(listener)
+        raise
     return listeners
+
+
+async def _close(listener: Listener | EdgeListener) -> None:
+    if isinstance(listener, EdgeListener):
+        await listener.close()
+    else:
+        await close_listener(listener)
 
 
 def cannot_listen(exc: OSError, what: str, host: str, port: int) -> UsageError:
@@ -415,7 +475,7 @@ class _GatewayProcess:
     """The gateway side of one process: the gateway, its listeners and its admin listener."""
 
     gateway: Gateway
-    listeners: list[Listener]
+    listeners: list[Listener | EdgeListener]
     admin: web.AppRunner
 
     @classmethod
@@ -423,7 +483,8 @@ class _GatewayProcess:
         cls, config: ServeConfig, registry: Registry, tls: Credentials, index: int
     ) -> _GatewayProcess:
         """Process ``index`` (0 is the main one) of ``config.workers``: listeners share the
-        ports (SO_REUSEPORT) when there are several; admin listens on admin port + index."""
+        ports (SO_REUSEPORT) when there are several. The main process's admin listener answers
+        for the node; an extra worker's listens on its private socket in <data>/run."""
         envs = await registry.list_environments()
         # the same limits as the portal's: one cap per listener, fitted to the open-files limit
         limits = config.limits.fitted(listeners=1 + len(envs), nofile=raise_nofile_limit())
@@ -451,30 +512,32 @@ class _GatewayProcess:
         )
         await gateway.start()
         try:
-            listeners = await _gateway_listeners(gateway, config, envs, config.workers > 1)
+            listeners = await _gateway_listeners(gateway, config, envs, index)
         except BaseException:
             await gateway.stop()
             raise
-        admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
-        await admin.setup()
-        try:
-            await web.TCPSite(admin, config.admin_host, config.admin_port + index).start()
-        except OSError as exc:
-            if index == 0:
+        run_dir = config.data / "run"
+        if index == 0:
+            workers = Workers({i: worker_socket(run_dir, i) for i in range(1, config.workers)})
+            admin = web.AppRunner(admin_app(gateway, workers=workers), access_log=None, handle_signals=False)
+            await admin.setup()
+            try:
+                await web.TCPSite(admin, config.admin_host, config.admin_port).start()
+            except OSError as exc:
                 await cls(gateway, listeners, admin).stop()
                 raise cannot_listen(exc, "health and metrics", config.admin_host, config.admin_port) from None
-            # An extra worker still serves traffic without its own metrics listener.
-            log.warning(
-                "gateway process %d: admin port %d unavailable (%s); no metrics from this process",
-                index,
-                config.admin_port + index,
-                exc.strerror,
-            )
+        else:  # the main process answers for it, from this private socket
+            admin = web.AppRunner(admin_app(gateway), access_log=None, handle_signals=False)
+            await admin.setup()
+            path = worker_socket(run_dir, index)
+            _private_socket_path(path)
+            await web.UnixSite(admin, str(path)).start()
+            os.chmod(path, 0o600)
         return cls(gateway, listeners, admin)
 
     async def stop(self) -> None:
         for listener in self.listeners:
-            await close_listener(listener)
+            await _close(listener)
         await self.admin.cleanup()
         await self.gateway.stop()
 
@@ -567,12 +630,12 @@ async def run(
             "portal": f"https://localhost:{config.portal_port}",
             "gateways": dict(gateway_urls),
             "admin": f"http://{config.admin_host}:{config.admin_port}",
-            "worker_admin_ports": [config.admin_port + index for index in range(1, config.workers)],
             "ca": str(tls.ca_path),
             "db": redact(config.db_url),
             "workers": config.workers,
             "open_files": nofile,
             "max_connections": limits.max_connections,
+            "edge": _edge_facts(config, gateways.listeners),
         }
         if register:
             running.announce(_running(config, facts, tls))
@@ -625,6 +688,24 @@ def _running(config: ServeConfig, facts: dict[str, Any], tls: Credentials) -> ru
     )
 
 
+def _private_socket_path(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a process that did not stop cleanly
+
+
+def _edge_facts(config: ServeConfig, listeners: list[Listener | EdgeListener]) -> dict[str, Any] | None:
+    """Behind a TLS edge: which edge, and where each environment listens for it (the main
+    process's listener; the extra workers' are beside it)."""
+    if config.edge is None:
+        return None
+    return {
+        "edge": config.edge,
+        "listen": {item.env: item.address for item in listeners if isinstance(item, EdgeListener)},
+        "proxies": list(config.edge_proxies),
+    }
+
+
 def _spawn_worker(config: ServeConfig, index: int) -> multiprocessing.process.BaseProcess:
     context = multiprocessing.get_context("spawn")
     process = context.Process(
@@ -636,7 +717,8 @@ def _spawn_worker(config: ServeConfig, index: int) -> multiprocessing.process.Ba
 
 def _worker_main(config: ServeConfig, index: int) -> None:
     """An extra gateway process: the same listeners (SO_REUSEPORT), its own registry view, and
-    its own health/metrics listener on admin port + index (Prometheus scrapes each process)."""
+    its health and metrics on a private socket, which the main process's /metrics and /readyz
+    include."""
     _install_uvloop()
     _configure_logging(config.access_log)
     raise_nofile_limit()

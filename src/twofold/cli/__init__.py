@@ -12,6 +12,7 @@ from twofold.cli.call import call
 from twofold.cli.credentials import cert, csr, init, key
 from twofold.cli.demo import demo
 from twofold.cli.doctor import doctor
+from twofold.cli.edge import edge
 from twofold.cli.jws import jws_group
 from twofold.cli.portal import portal
 from twofold.cli.portal_projects import project
@@ -36,6 +37,7 @@ Client toolkit:
 Provider side:
   serve    portal + gateway per environment + sandbox API, in one command
   demo     walk the whole flow against a running serve
+  edge     the TLS edge (nginx, HAProxy, Envoy) in front of serve --edge: its configuration
   admin    operator tasks on the registry (orgs, users, tokens, products, audit)
   portal   certificates and projects through the portal API (CI pipelines)
   rotate   replace credentials with zero downtime (new key, register, probe, switch, remove old)
@@ -63,6 +65,7 @@ main.add_command(call)
 main.add_command(doctor)
 main.add_command(serve_command, "serve")
 main.add_command(demo)
+main.add_command(edge)
 main.add_command(admin)
 portal.add_command(project)
 main.add_command(portal)

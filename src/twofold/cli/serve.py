@@ -24,6 +24,7 @@ def _announce(message: str) -> None:
         "twofold serve --data /var/lib/twofold --workers 2",
         "twofold serve --db postgresql://twofold@db.internal/twofold --host 0.0.0.0",
         "twofold serve --config twofold.toml",
+        "twofold serve --edge nginx   # behind nginx: twofold edge config nginx",
     ),
 )
 @click.option("--data", help="Data directory (database, CA, server certificate). Default ./data.")
@@ -40,6 +41,12 @@ def _announce(message: str) -> None:
     "--workers", type=click.IntRange(1, 64), help="Gateway processes sharing the ports (default 1)."
 )
 @click.option("--no-access-log", is_flag=True, help="Do not print one JSON line per gateway request.")
+@click.option(
+    "--edge",
+    type=click.Choice(["nginx", "haproxy", "envoy"]),
+    help="TLS terminates at this edge: the gateways take plain HTTP and the client certificate "
+    "header from it, on unix sockets (see `twofold edge config`).",
+)
 def serve_command(
     data: str | None,
     db: str | None,
@@ -49,6 +56,7 @@ def serve_command(
     admin_port: int | None,
     workers: int | None,
     no_access_log: bool,
+    edge: str | None,
 ) -> None:
     from twofold.serve import ServeConfig, serve  # the servers' modules, only for the command that runs them
 
@@ -61,6 +69,7 @@ def serve_command(
         admin_port=admin_port,
         workers=workers,
         access_log=False if no_access_log else None,
+        edge=edge,
     )
 
     def ready(facts: dict[str, Any]) -> None:
@@ -69,12 +78,17 @@ def serve_command(
             f"[bold green]twofold is running[/] (database {facts['db']}, {facts['workers']} gateway process(es))"
         )
         err.print(f"  portal    {facts['portal']}")
+        edge = facts.get("edge")
         for env, url in facts["gateways"].items():
-            err.print(f"  gateway   {url}  ({env})")
+            if edge:
+                err.print(f"  gateway   {edge['listen'].get(env, '-')}  ({env}, behind {edge['edge']})")
+            else:
+                err.print(f"  gateway   {url}  ({env})")
+        if edge:
+            err.print(f"            the edge's configuration: twofold edge config {edge['edge']}")
         err.print(f"  admin     {facts['admin']}/metrics  /healthz  /readyz")
-        if facts["worker_admin_ports"]:
-            ports = ", ".join(str(p) for p in facts["worker_admin_ports"])
-            err.print(f"            (each extra gateway process has its own: ports {ports})")
+        if facts["workers"] > 1:
+            err.print(f"            (for all {facts['workers']} gateway processes of this node)")
         err.print(f"  CA        {facts['ca']}   (clients: --cacert {facts['ca']})")
         err.print(f"  next      in another terminal: {self_command()} demo    — Ctrl-C stops")
 

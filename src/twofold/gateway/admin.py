@@ -1,4 +1,8 @@
-"""The admin listener: health, readiness and Prometheus metrics (bind it to loopback)."""
+"""The admin listener: health, readiness and Prometheus metrics (bind it to loopback).
+
+With ``workers`` (the extra gateway processes of `serve --workers N`), readiness and metrics
+are the node's: every process ready, every process's metrics merged
+(:mod:`twofold.gateway.fleet`); ``/metrics?process=main`` is this process's alone."""
 
 from __future__ import annotations
 
@@ -9,9 +13,15 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from twofold.gateway.core import Gateway
+    from twofold.gateway.fleet import Workers
 
 
-def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
+def admin_app(
+    gateway: Gateway,
+    *,
+    extra_ready: Callable[[], bool] | None = None,
+    workers: Workers | None = None,
+) -> web.Application:
     async def healthz(_request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -27,12 +37,19 @@ def admin_app(gateway: Gateway, *, extra_ready: Callable[[], bool] | None = None
                 "serving": gateway.serving,
             },
         }
+        if workers is not None and workers.sockets:
+            states = await workers.readiness()
+            body["workers"] = states
+            body["ready"] = ok = ok and all(state["ready"] for state in states)
+            versions = [body["registry_version"], *(state["registry_version"] for state in states)]
+            body["registry_version"] = None if None in versions else min(v for v in versions if v is not None)
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics(_request: web.BaseRequest) -> web.Response:
-        return web.Response(
-            body=gateway.metrics.render(), headers={"Content-Type": gateway.metrics.content_type}
-        )
+    async def metrics(request: web.BaseRequest) -> web.Response:
+        own = gateway.metrics.render()
+        if workers is not None and workers.sockets and request.query.get("process") != "main":
+            own = await workers.metrics(own)
+        return web.Response(body=own, headers={"Content-Type": gateway.metrics.content_type})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -91,11 +91,13 @@ class Gateway:
     # --- snapshot and TLS trust -----------------------------------------------------------
 
     async def refresh(self) -> Snapshot:
-        snapshot = await load_snapshot(self.registry)
-        self.trust.update(snapshot)
+        started = time.perf_counter()
+        snapshot = await load_snapshot(self.registry, self.snapshot)
+        self.snapshot = snapshot  # requests see the change first (a removal: on their next request)
+        self.trust.update(snapshot)  # then new TLS handshakes
+        self.metrics.snapshot_seconds.set(time.perf_counter() - started)
         for env in snapshot.environments:
             self.metrics.expiring.labels(env).set(snapshot.expiring(env, dt.timedelta(days=30)))
-        self.snapshot = snapshot
         self.metrics.registry_version.set(snapshot.version)
         self.metrics.snapshot_reloads.inc()
         self._last_poll = time.monotonic()

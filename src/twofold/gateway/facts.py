@@ -23,6 +23,9 @@ class ConnectionFacts:
     certificate_der: bytes | None  # the client certificate, DER
     fingerprint: str | None  # SHA-256 of certificate_der, hex
     via: str = "tls"  # "tls": this listener's own handshake; otherwise the edge that sent it
+    # Why the certificate could not be taken (code, status, message): a TLS edge's header that
+    # cannot be read, or one sent by a peer that is not the edge. identify() refuses with it.
+    problem: tuple[str, int, str] | None = None
 
     @classmethod
     def of(

@@ -51,6 +51,7 @@ class Connections:
         self.open = 0
         self.listeners: list[Listener] = []
         self.active: set[GatewayProtocol] = set()
+        self.others = 0  # listeners without TLS handshakes (a TLS edge's), whose deadlines are swept too
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -63,6 +64,16 @@ class Connections:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+
+    def listeners_started(self) -> None:
+        """A listener other than :class:`Listener` (see :attr:`others`) started."""
+        self.others += 1
+        self.start()
+
+    async def listener_stopped(self) -> None:
+        self.others -= 1
+        if not self.listeners and not self.others:
+            await self.stop()
 
     async def _sweep(self) -> None:
         while True:
@@ -254,7 +265,7 @@ class Listener:
             protocol.abort()
         if self in self.connections.listeners:
             self.connections.listeners.remove(self)
-        if not self.connections.listeners:
+        if not self.connections.listeners and not self.connections.others:
             await self.connections.stop()
 
 

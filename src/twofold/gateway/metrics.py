@@ -105,6 +105,11 @@ class Metrics:
         self.snapshot_reloads = Counter(
             "twofold_snapshot_reloads", "Registry snapshots loaded since start", registry=self.registry
         )
+        self.snapshot_seconds = Gauge(
+            "twofold_snapshot_load_seconds",
+            "How long the last registry snapshot took to load and apply (TLS trust included)",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

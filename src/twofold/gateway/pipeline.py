@@ -137,9 +137,15 @@ def identify(snapshot: Snapshot, facts: ConnectionFacts, now: dt.datetime | None
     every request (a removed certificate is refused on its next request, on an open
     connection too)."""
     env = facts.environment
+    if facts.problem is not None:
+        code, status, message = facts.problem
+        raise GatewayError(message, code=code, status=status)
     if facts.fingerprint is None:
         raise GatewayError(
-            "no client certificate was presented; call with your mTLS certificate and key",
+            "no client certificate was presented; call with your mTLS certificate and key"
+            if facts.via == "tls"
+            else f"the TLS edge ({facts.via}) forwarded no client certificate; call with your mTLS "
+            "certificate and key",
             code="client_certificate_required",
             status=401,
         )

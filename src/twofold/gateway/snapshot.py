@@ -81,7 +81,8 @@ class Snapshot:
     products: tuple[Product, ...]  # longest prefix first
     expiries: dict[str, tuple[dt.datetime, ...]] = field(
         default_factory=dict
-    )  # env → not_after of active certs
+    )  # env → not_after of the active Digital Signature certificates (mTLS ones are in mtls)
+    orgs: dict[int, str] = field(default_factory=dict)  # id → slug
     _verifiers: dict[tuple[int, str, tuple[str, ...]], jws.Verifier] = field(default_factory=dict)
 
     def product_for(self, path: str) -> Product | None:
@@ -121,15 +122,65 @@ class Snapshot:
     def expiring(self, env: str, within: dt.timedelta, now: dt.datetime | None = None) -> int:
         """Active certificates (both uses) of ``env`` that expire within ``within``."""
         now = now or dt.datetime.now(dt.UTC)
-        return sum(1 for not_after in self.expiries.get(env, ()) if now <= not_after <= now + within)
+        start, end = now.timestamp(), (now + within).timestamp()
+        mtls = sum(1 for c in self.mtls.get(env, {}).values() if start <= c.valid_until <= end)
+        return mtls + sum(1 for not_after in self.expiries.get(env, ()) if now <= not_after <= now + within)
 
 
-async def load_snapshot(registry: Registry) -> Snapshot:
+async def load_snapshot(registry: Registry, previous: Snapshot | None = None) -> Snapshot:
+    """The registry as the gateway sees it. With ``previous``, its mTLS certificates are
+    carried over and only the rows changed since its version are read (the rest of the
+    registry is small and read whole); without, or when organisations or environments changed,
+    everything is read."""
     async with registry.sessions() as session:
-        return await _load(session)
+        return await _load(session, previous)
 
 
-async def _load(session: AsyncSession) -> Snapshot:
+_MTLS_COLUMNS = (
+    Certificate.fingerprint,
+    Certificate.org_id,
+    Certificate.environment_id,
+    Certificate.common_name,
+    Certificate.not_before,
+    Certificate.not_after,
+    Certificate.der,
+)
+
+
+async def _mtls(
+    session: AsyncSession,
+    environments: dict[str, EnvView],
+    orgs: dict[int, str],
+    previous: Snapshot | None,
+) -> dict[str, dict[str, ClientCert]]:
+    mtls_rows = Certificate.use == "mtls"
+    if previous is None:
+        mtls: dict[str, dict[str, ClientCert]] = {e: {} for e in environments}
+        query = select(*_MTLS_COLUMNS, Certificate.status).where(mtls_rows, Certificate.status == "active")
+    else:
+        mtls = {e: previous.mtls.get(e, {}) for e in environments}
+        query = select(*_MTLS_COLUMNS, Certificate.status).where(
+            mtls_rows, Certificate.changed_version > previous.version
+        )
+        query = query.order_by(Certificate.changed_version, Certificate.id)  # the latest change last
+    copied: set[str] = set()
+    for fingerprint, org_id, env_id, common_name, not_before, not_after, der, status in await session.execute(
+        query
+    ):
+        if previous is not None and env_id not in copied:
+            mtls[env_id] = dict(mtls.get(env_id, {}))  # the previous snapshot stays as it was
+            copied.add(env_id)
+        certs = mtls.setdefault(env_id, {})
+        if status == "active":
+            certs[fingerprint] = ClientCert(
+                fingerprint, org_id, orgs.get(org_id, "?"), common_name, not_before, not_after, der
+            )
+        else:
+            certs.pop(fingerprint, None)
+    return mtls
+
+
+async def _load(session: AsyncSession, previous: Snapshot | None = None) -> Snapshot:
     version = (
         await session.execute(select(RegistryVersion.version).where(RegistryVersion.id == 1))
     ).scalar() or 0
@@ -137,28 +188,29 @@ async def _load(session: AsyncSession) -> Snapshot:
     for env in (await session.execute(select(Environment))).scalars():
         cas = tuple(environment_cas(env))
         environments[env.id] = EnvView(env.id, env.name, env.allow_self_signed, env.gateway_port, cas)
-    orgs = {o.id: o.slug for o in (await session.execute(select(Organisation))).scalars()}
-    mtls: dict[str, dict[str, ClientCert]] = {e: {} for e in environments}
+    orgs = {
+        org_id: slug for org_id, slug in await session.execute(select(Organisation.id, Organisation.slug))
+    }
+    if previous is not None and (
+        previous.orgs != orgs
+        or set(previous.environments) != set(environments)
+        or previous.version > version  # a registry restored from a backup
+    ):
+        previous = None
+    mtls = await _mtls(session, environments, orgs, previous)
     signature: dict[tuple[int, str], list[jws.VerificationKey]] = {}
-    rows = (await session.execute(select(Certificate).where(Certificate.status == "active"))).scalars()
+    rows = (
+        await session.execute(
+            select(Certificate).where(Certificate.status == "active", Certificate.use == "signature")
+        )
+    ).scalars()
     expiries: dict[str, list[dt.datetime]] = {}
     for row in rows:
         expiries.setdefault(row.environment_id, []).append(row.not_after)
-        if row.use == "mtls":
-            mtls.setdefault(row.environment_id, {})[row.fingerprint] = ClientCert(
-                row.fingerprint,
-                row.org_id,
-                orgs.get(row.org_id, "?"),
-                row.common_name,
-                row.not_before,
-                row.not_after,
-                row.der,
-            )
-        else:
-            cert = x509.load_der_x509_certificate(row.der)
-            signature.setdefault((row.org_id, row.environment_id), []).append(
-                jws.VerificationKey.from_certificate(cert, label=row.fingerprint)
-            )
+        cert = x509.load_der_x509_certificate(row.der)
+        signature.setdefault((row.org_id, row.environment_id), []).append(
+            jws.VerificationKey.from_certificate(cert, label=row.fingerprint)
+        )
     access: dict[tuple[int, str], set[str]] = {}
     links = await session.execute(
         select(Project.org_id, ProjectProduct.environment_id, ProjectProduct.product_id).join(
@@ -193,4 +245,5 @@ async def _load(session: AsyncSession) -> Snapshot:
         access={k: frozenset(v) for k, v in access.items()},
         products=tuple(products),
         expiries={k: tuple(v) for k, v in expiries.items()},
+        orgs=orgs,
     )

@@ -30,12 +30,12 @@ class Trust:
         self._marker: dict[str, frozenset[str]] = {}
 
     def update(self, snapshot: Snapshot) -> None:
-        """Build a new context for every environment whose trusted set changed."""
-        for env in snapshot.environments:
-            trusted = snapshot.trusted_certificates(env)
-            marker = frozenset(fingerprint_sha256(c) for c in trusted)
-            if self._marker.get(env) != marker or env not in self._newest:
-                self._newest[env] = self._context(trusted)
+        """Build a new context for every listening environment whose trusted set changed (an
+        environment without a TLS listener — none, or behind a TLS edge — builds none)."""
+        for env in list(self.listening):
+            marker = _marker(snapshot, env)
+            if self._marker.get(env) != marker:
+                self._newest[env] = self._context(snapshot.trusted_certificates(env))
                 self._marker[env] = marker
 
     def _context(self, trusted: list[x509.Certificate]) -> ssl.SSLContext:
@@ -55,4 +55,12 @@ class Trust:
 
         context.sni_callback = switch
         self.listening[env] = context
+        self._newest[env], self._marker[env] = context, _marker(snapshot, env)
         return context
+
+
+def _marker(snapshot: Snapshot, env: str) -> frozenset[str]:
+    """What an environment's TLS layer trusts, by fingerprint (without parsing a certificate)."""
+    view = snapshot.environments.get(env)
+    cas = (fingerprint_sha256(c) for c in (view.cas if view else ()))
+    return frozenset(snapshot.mtls.get(env, {})).union(cas)

@@ -8,8 +8,9 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
 from twofold.registry import audit
 from twofold.registry.auth import (
@@ -17,6 +18,7 @@ from twofold.registry.auth import (
 )
 from twofold.registry.db import Sessions, create_engine, in_transaction, is_sqlite, sessionmaker
 from twofold.registry.models import (
+    Certificate,
     Organisation,
     RegistryVersion,
     User,
@@ -31,6 +33,17 @@ from twofold.registry.rules import (
 T = TypeVar("T")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NOTIFY_CHANNEL = "twofold_registry"
+
+
+_CHANGED = "twofold_changed_certificates"
+
+
+@event.listens_for(Session, "before_flush")
+def _track_certificates(session: Session, _context: object, _instances: object) -> None:
+    """Remember the certificates a transaction adds or changes, for its version bump."""
+    changed = [obj for obj in (*session.new, *session.dirty) if isinstance(obj, Certificate)]
+    if changed:
+        session.info.setdefault(_CHANGED, set()).update(changed)
 
 
 def _slug(value: str, what: str) -> str:
@@ -67,16 +80,29 @@ class RegistryBase:
         return await in_transaction(self.sessions, work)
 
     async def _bump(self, session: AsyncSession) -> None:
-        """Tell gateways something they care about changed."""
+        """Tell gateways something they care about changed; the certificates this transaction
+        added or changed carry the new version (the row lock on the version orders the bumps
+        as their transactions commit, so a gateway holding version V needs exactly the rows
+        changed after V)."""
         now = utcnow()
         result = await session.execute(
             update(RegistryVersion)
             .where(RegistryVersion.id == 1)
             .values(version=RegistryVersion.version + 1, changed_at=now)
+            .returning(RegistryVersion.version)
         )
-        if result.rowcount == 0:  # type: ignore[attr-defined]
+        version = result.scalar()
+        if version is None:
+            version = 1
             session.add(RegistryVersion(id=1, version=1, changed_at=now))
             await session.flush()
+        changed = session.info.pop(_CHANGED, set())
+        changed.update(obj for obj in (*session.new, *session.dirty) if isinstance(obj, Certificate))
+        for certificate in changed:
+            certificate.changed_version = version
+        if changed:
+            await session.flush()
+            session.info.pop(_CHANGED, None)
         if not is_sqlite(self.url):
             await session.execute(select(func.pg_notify(NOTIFY_CHANNEL, "changed")))
 

@@ -288,6 +288,9 @@ class Certificate(Base):
     added_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     removed_by: Mapped[str | None] = mapped_column(String(320), nullable=True)
     removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The registry version of this row's last change (set by the change's own version bump):
+    # gateways reload only the certificates changed since the version they hold.
+    changed_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0", index=True)
     __table_args__ = (
         CheckConstraint("use IN ('mtls', 'signature')", name="ck_use"),
         CheckConstraint("slot IN (1, 2)", name="ck_slot"),
