@@ -76,7 +76,40 @@ def test_the_blocks_are_what_this_test_expects() -> None:
     assert shell[0].text.splitlines()[0].startswith(QUICK_START)
     assert len(shell) >= 6
     assert [b.language for b in found if b.language == "python"] == ["python"]
-    assert {b.language for b in found} <= {"sh", "python", "toml", ""}
+    assert {b.language for b in found} <= {"sh", "python", "toml", "nginx", "haproxy", ""}
+
+
+def _statements(config: str, edge: str) -> set[str]:
+    """A configuration's statements, comments dropped and spaces collapsed (nginx: split at
+    ``;``, ``{`` and ``}``; HAProxy: one per line)."""
+    text = re.sub(r"#[^\n']*", "", config)  # the JSON bodies of `return 401 '…'` hold no #
+    parts = re.split(r"[;{}\n]", text) if edge == "nginx" else text.splitlines()
+    return {" ".join(part.split()) for part in parts if part.strip()}
+
+
+@pytest.mark.parametrize("edge", ["nginx", "haproxy"])
+def test_the_edge_excerpts_are_what_twofold_edge_config_prints(edge: str) -> None:
+    """Each statement of the README's nginx and HAProxy excerpts (but the ones shortened with
+    "…") is one that `twofold edge config` prints for the paths the README uses."""
+    from twofold.edge_config import Plan, Site, render
+
+    data = Path("/var/lib/twofold")
+    plan = Plan(
+        edge=edge,
+        sites=(Site("cat", 8443, (str(data / "edge" / "cat-0.sock"),)),),
+        listen="0.0.0.0",
+        cert=data / "tls" / "server.crt",
+        key=data / "tls" / "server.key",
+        ca=data / "ca" / "ca.crt",
+        run_dir=data / "edge-run",
+        pem=Path("/etc/haproxy/twofold.pem") if edge == "haproxy" else None,
+    )
+    printed = _statements(render(plan), edge)
+    excerpts = [b for b in blocks(README.read_text()) if b.language == edge]
+    assert len(excerpts) == 1
+    shown = {s for s in _statements(excerpts[0].text, edge) if "…" not in s}
+    assert len(shown) >= 6
+    assert shown - printed == set(), f"the README shows what `twofold edge config {edge}` does not print"
 
 
 def test_the_readme_runs_top_to_bottom(served: Shell) -> None:

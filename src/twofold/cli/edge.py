@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import click
 
 from twofold.cli._common import examples
+from twofold.cli._registry import with_registry
 from twofold.edge_config import Plan, Site, render
 from twofold.errors import UsageError
 from twofold.gateway.edge import socket_path
@@ -31,12 +31,8 @@ def _ports(values: tuple[str, ...]) -> dict[str, int]:
     return ports
 
 
-async def _environments(config: ServeConfig) -> list[dict[str, Any]]:
-    registry = await Registry.open(config.db_url, migrate=False)
-    try:
-        return await registry.list_environments()
-    finally:
-        await registry.close()
+async def _environments(registry: Registry) -> list[dict[str, Any]]:
+    return await registry.list_environments()
 
 
 def plan_for(
@@ -147,9 +143,7 @@ def config_command(
     user: str | None,
 ) -> None:
     config = ServeConfig.load(config_file, data=data, db=db)
-    if not (config.db or (config.data / "twofold.db").exists()):
-        raise UsageError(f"no registry in {config.data}: start `twofold serve` once first (or give --db)")
-    envs = asyncio.run(_environments(config))
+    envs = with_registry(str(config.data), config.db, _environments)  # never creates one
     plan = plan_for(
         config,
         name,
