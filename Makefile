@@ -55,7 +55,8 @@ bench: $(DEPS) system-deps
 	$(BIN)/python bench/jws_bench.py
 
 ## make bench-gateway: the gateway against nginx as an mTLS reverse proxy (keep-alive signed
-## requests/s and new mTLS handshakes/s, about 5 minutes); exits 1 when a target is missed.
+## requests/s and new mTLS handshakes/s, direct and behind the nginx edge, about 6-7 minutes);
+## exits 1 when a target is missed.
 bench-gateway: $(DEPS) system-deps
 	$(BIN)/python bench/gateway_bench.py
 
