@@ -42,7 +42,8 @@ from twofold.crypto.ca import LocalCA
 from twofold.crypto.keys import PrivateKey
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
-from twofold.serve import ServeConfig, run
+from twofold.serve import run
+from twofold.settings import ServeConfig
 
 T = TypeVar("T")
 

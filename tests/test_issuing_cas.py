@@ -14,7 +14,7 @@ from twofold.crypto.ca import LocalCA
 from twofold.issuing import IssuingCAs, IssuingFiles, sync_issuing_cas
 from twofold.registry.auth import SYSTEM
 from twofold.registry.service import Registry
-from twofold.serve import ServeConfig
+from twofold.settings import ServeConfig
 
 TWOFOLD = str(Path(sys.executable).with_name("twofold"))
 

@@ -24,7 +24,7 @@ import pytest
 
 from servekit import ServeProcess, serve_process
 from twofold.listener import HEADROOM, ConnectionLimits
-from twofold.serve import ServeConfig
+from twofold.settings import ServeConfig
 
 HEADER_TIMEOUT, BODY_TIMEOUT, IDLE_TIMEOUT = 1.0, 1.5, 2.0
 SLACK = 3.0  # a loaded 2-core machine may answer late, never early

@@ -128,7 +128,7 @@ def test_the_smtp_password_comes_from_a_file_or_the_environment(
 
 
 def test_serve_settings_name_the_mail_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from twofold.serve import ServeConfig
+    from twofold.settings import ServeConfig
 
     password = tmp_path / "smtp-password"
     password.write_text("p4ss\n")

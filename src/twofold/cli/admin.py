@@ -203,7 +203,7 @@ def user_invite(
 ) -> None:
     from twofold.mail import make_mailer
     from twofold.portal.mails import send_link
-    from twofold.serve import ServeConfig
+    from twofold.settings import ServeConfig
 
     explicit = click.get_current_context().get_parameter_source("data") != click.core.ParameterSource.DEFAULT
     config = ServeConfig.load(config_file, data=data if explicit or not config_file else None, db=db)

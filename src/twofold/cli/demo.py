@@ -26,7 +26,7 @@ from twofold.registry.auth import SYSTEM
 from twofold.running import RunningServe, running_serves, serve_for
 
 if TYPE_CHECKING:
-    from twofold.serve import ServeConfig
+    from twofold.settings import ServeConfig
 
 
 @dataclass(frozen=True)
@@ -360,7 +360,8 @@ async def _calls(target: Target, work: Path, material: dict[str, Any], tf: str) 
 def demo(
     data: str | None, db: str | None, config_file: str | None, start: bool, out_dir: str | None, keep: bool
 ) -> None:
-    from twofold.serve import ServeConfig, run  # the servers' modules, only when a demo runs
+    from twofold.serve import run  # the servers' modules, only when a demo runs
+    from twofold.settings import ServeConfig
 
     config = ServeConfig.load(config_file, data=data, db=db, access_log=False)
     target = find_serve(config, explicit=data is not None or config_file is not None, db=db)

@@ -13,7 +13,7 @@ from twofold.edge_config import Plan, Site, render
 from twofold.errors import UsageError
 from twofold.gateway.edge import socket_path
 from twofold.registry.service import Registry
-from twofold.serve import ServeConfig
+from twofold.settings import ServeConfig
 
 
 @click.group(help="The TLS edge in front of `twofold serve --edge` (nginx, HAProxy, Envoy).")

@@ -58,7 +58,8 @@ def serve_command(
     no_access_log: bool,
     edge: str | None,
 ) -> None:
-    from twofold.serve import ServeConfig, serve  # the servers' modules, only for the command that runs them
+    from twofold.serve import serve  # the servers' modules, only for the command that runs them
+    from twofold.settings import ServeConfig
 
     config = ServeConfig.load(
         config_file,
