@@ -49,7 +49,7 @@ from twofold.tls import server_context
 
 log = logging.getLogger("twofold.serve")
 OPERATOR_EMAIL = "admin@twofold.local"
-STOP_GRACE = 10.0  # seconds the portal's requests still being handled get when serve stops
+STOP_GRACE = 10.0  # seconds the portal's requests, and notices being sent, get when serve stops
 
 
 @dataclass(frozen=True)
@@ -424,7 +424,13 @@ async def run(
         for process in workers:
             process.terminate()
         lifecycle_stop.set()
-        await lifecycle
+        try:  # a notice still being sent is cancelled: its claim lapses and the next start sends it
+            await asyncio.wait_for(lifecycle, STOP_GRACE)
+        except TimeoutError:
+            log.warning(
+                "expiry notices were still being sent %g s after the stop: left for the next start",
+                STOP_GRACE,
+            )
         await gateways.stop()
         await portal.cleanup()
         for process in workers:
