@@ -31,10 +31,6 @@ def _ports(values: tuple[str, ...]) -> dict[str, int]:
     return ports
 
 
-async def _environments(registry: Registry) -> list[dict[str, Any]]:
-    return await registry.list_environments()
-
-
 def plan_for(
     config: ServeConfig,
     edge_name: str,
@@ -143,7 +139,7 @@ def config_command(
     user: str | None,
 ) -> None:
     config = ServeConfig.load(config_file, data=data, db=db)
-    envs = with_registry(str(config.data), config.db, _environments)  # never creates one
+    envs = with_registry(str(config.data), config.db, Registry.list_environments)  # never creates one
     plan = plan_for(
         config,
         name,
