@@ -104,8 +104,12 @@ class Gateway:
         return snapshot
 
     def listening_context(self, env: str) -> ssl.SSLContext:
+        """The TLS context for a new connection of an environment's listener: the newest."""
+        newest = self.trust.newest.get(env)
+        if newest is not None:
+            return newest
         assert self.snapshot is not None, "refresh() first"
-        return self.trust.listening_context(env, self.snapshot)
+        return self.trust.context(env, self.snapshot)
 
     async def watch(self) -> None:
         """Reload the snapshot whenever the registry version moves (polled; woken at once by

@@ -1,12 +1,13 @@
 """One TLS listener per environment.
 
-The listener accepts connections itself and hands each socket to uvloop's TLS, so that
-until its handshake completes it still holds the socket and can end it: near the
+The listener accepts connections itself and runs TLS on each socket
+(:class:`~twofold.gateway.tls_transport.TLSConnection`), so that until its handshake
+completes it can end it: near the
 connection cap of the listener (``max_connections``) or of the process (from its
 descriptor limit), the oldest connection still in its handshake — unauthenticated — is shed
 to make room, and connections that proved a client certificate are kept. Once TLS is up the
-connection is a :class:`~twofold.gateway.protocol.GatewayProtocol`; the listener checks its
-deadlines (head, body, idle, send) about twice a second.
+connection is a :class:`~twofold.gateway.protocol.GatewayProtocol`; the listener checks the
+deadlines (handshake, head, body, idle, send) about twice a second.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from twofold.gateway.protocol import GatewayProtocol
+from twofold.gateway.tls_transport import TLSConnection
 from twofold.gateway.wire import Limits
 
 if TYPE_CHECKING:
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("twofold.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
-SHUTDOWN_TIMEOUT = 5.0  # waiting for the client's close_notify
 SWEEP_INTERVAL = 0.5
 DESCRIPTOR_RESERVE = 64  # kept free for the database, the listeners, logs
 
@@ -79,12 +80,14 @@ class Connections:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
+            for listener in self.listeners:
+                listener.expire_handshakes(now - HANDSHAKE_TIMEOUT)
             for protocol in [p for p in self.active if p.deadline is not None and p.deadline <= now]:
                 protocol.expire()
 
-    def oldest_pending(self) -> _Handshake | None:
+    def oldest_pending(self) -> TLSConnection | None:
         """The connection that has been in its TLS handshake longest, on any listener."""
-        oldest: _Handshake | None = None
+        oldest: TLSConnection | None = None
         for listener in self.listeners:
             candidate = next(iter(listener.pending), None)
             if candidate is not None and (oldest is None or candidate.accepted < oldest.accepted):
@@ -92,29 +95,9 @@ class Connections:
         return oldest
 
 
-class _Handshake:
-    """An accepted connection until its TLS handshake completes: the listener holds its
-    socket, so that it can shed it."""
-
-    __slots__ = ("accepted", "listener", "shed", "sock", "task")
-
-    def __init__(self, listener: Listener, sock: socket.socket) -> None:
-        self.listener = listener
-        self.sock = sock
-        self.accepted = time.monotonic()
-        self.shed = False
-        self.task: asyncio.Task[None] | None = None
-
-    def drop(self) -> None:
-        """Shed: end it before it completes the handshake (the handshake then fails)."""
-        self.shed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-
 class Listener:
-    """One environment's TLS listener: accepts connections itself (to hold each socket
-    until its handshake completes), then hands them to uvloop's TLS and the protocol."""
+    """One environment's TLS listener: accepts connections itself and runs their TLS (to be
+    able to end each one until its handshake completes), then hands them to the protocol."""
 
     def __init__(
         self, gateway: Gateway, env: str, limits: Limits, max_connections: int, connections: Connections
@@ -123,7 +106,7 @@ class Listener:
         self.max_connections = max_connections
         self.connections = connections
         self.open = 0
-        self.pending: dict[_Handshake, None] = {}  # oldest first
+        self.pending: dict[TLSConnection, None] = {}  # in their handshake, oldest first
         self.sockets: list[socket.socket] = []
         self._closing = False
         self._drained = asyncio.Event()
@@ -161,7 +144,7 @@ class Listener:
     def _accept(self, server: socket.socket) -> None:
         for _ in range(64):  # then let other work run
             try:
-                sock, _address = server.accept()
+                sock, address = server.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of descriptors (or memory): wait a moment
@@ -170,13 +153,13 @@ class Listener:
                 loop.remove_reader(server.fileno())
                 loop.call_later(0.1, self._resume_accepting, server)
                 return
-            self._accepted(sock)
+            self._accepted(sock, address)
 
     def _resume_accepting(self, server: socket.socket) -> None:
         if not self._closing:
             asyncio.get_running_loop().add_reader(server.fileno(), self._accept, server)
 
-    def _accepted(self, sock: socket.socket) -> None:
+    def _accepted(self, sock: socket.socket, address: object) -> None:
         """A new connection: make room for it by shedding the oldest connection still in
         its handshake, or refuse it when every connection is authenticated."""
         connections = self.connections
@@ -190,49 +173,51 @@ class Listener:
                 self._full.inc()
                 sock.close()
                 return
-            victim.listener.pending.pop(victim, None)
-            victim.listener._shed.inc()
-            victim.drop()
+            victim.end_handshake(shed=True)
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            connection = TLSConnection(
+                asyncio.get_running_loop(),
+                sock,
+                address,
+                self.gateway.listening_context(self.env),
+                self._ready,
+                self._failed,
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("a connection could not be set up for TLS (%s)", exc)
+            sock.close()
+            return
         self.open += 1
         connections.open += 1
-        handshake = _Handshake(self, sock)
-        self.pending[handshake] = None
-        handshake.task = asyncio.get_running_loop().create_task(self._handshake(handshake))
+        self.pending[connection] = None
+        connection.start()
 
-    async def _handshake(self, handshake: _Handshake) -> None:
-        def protocol() -> GatewayProtocol:
-            return GatewayProtocol(
-                self.gateway,
-                self.env,
-                self.limits,
-                on_open=lambda p: self._opened(handshake, p),
-                on_close=self._closed,
-            )
-
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                protocol,
-                handshake.sock,
-                ssl=self.gateway.listening_context(self.env),
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
-            )
-        except Exception:  # untrusted or missing client certificate, not TLS, timeout, shed
-            self.pending.pop(handshake, None)
-            if not handshake.shed and not self._closing:
-                self._failures.inc()
-            self._release()
-            with contextlib.suppress(OSError):
-                handshake.sock.close()
+    def expire_handshakes(self, started_before: float) -> None:
+        """End the handshakes that began before ``started_before`` (they took too long)."""
+        while self.pending:
+            oldest = next(iter(self.pending))
+            if oldest.accepted > started_before:
+                return
+            oldest.end_handshake(shed=False)
 
     # --- accounting ----------------------------------------------------------------------------
 
-    def _opened(self, handshake: _Handshake, protocol: GatewayProtocol) -> None:
-        self.pending.pop(handshake, None)
+    def _ready(self, connection: TLSConnection) -> GatewayProtocol:
+        """The handshake completed: the connection is the protocol's from now on."""
+        del self.pending[connection]
+        protocol = GatewayProtocol(self.gateway, self.env, self.limits, on_close=self._closed)
         self.connections.active.add(protocol)
+        return protocol
+
+    def _failed(self, connection: TLSConnection, shed: bool) -> None:
+        """It ended in its handshake: shed, timed out, untrusted, no certificate, or not TLS."""
+        self.pending.pop(connection, None)
+        if not self._closing:
+            (self._shed if shed else self._failures).inc()
+        self._release()
 
     def _closed(self, protocol: GatewayProtocol) -> None:
         self.connections.active.discard(protocol)
@@ -253,8 +238,8 @@ class Listener:
         for sock in self.sockets:
             loop.remove_reader(sock.fileno())
             sock.close()
-        for handshake in list(self.pending):
-            handshake.drop()
+        for connection in list(self.pending):
+            connection.end_handshake(shed=True)
         mine = [p for p in self.connections.active if p.environment == self.env and p.gateway is self.gateway]
         for protocol in mine:
             protocol.shutdown()
