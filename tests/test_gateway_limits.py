@@ -200,6 +200,32 @@ def test_connections_without_tls_are_shed_for_clients_that_authenticate(world: W
             sock.close()
 
 
+def test_a_handshake_that_does_not_complete_in_time_is_ended_and_counted(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's sweep ends handshakes older than HANDSHAKE_TIMEOUT: a client that
+    connects and sends nothing, and one that stops half-way through its ClientHello."""
+    from twofold.gateway import listeners
+
+    monkeypatch.setattr(listeners, "HANDSHAKE_TIMEOUT", 1.0)
+    failures = world.metric("twofold_gateway_tls_handshake_failures_total", environment="cat")
+    silent = socket.create_connection(("127.0.0.1", world.port()))
+    halfway = socket.create_connection(("127.0.0.1", world.port()))
+    try:
+        halfway.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a record promising 512 bytes
+        started = time.monotonic()
+        for sock in (silent, halfway):
+            sock.settimeout(1.0 + SLACK + 2)
+            assert sock.recv(1024) == b"", "the gateway answered a handshake that never completed"
+        elapsed = time.monotonic() - started
+        assert 0.8 <= elapsed <= 1.0 + SLACK + 1, elapsed
+        assert _balance(world) == 200  # and the listener goes on
+    finally:
+        silent.close()
+        halfway.close()
+    assert world.metric("twofold_gateway_tls_handshake_failures_total", environment="cat") - failures >= 2
+
+
 def test_at_the_cap_authenticated_connections_are_kept_and_a_new_one_is_refused(world: World) -> None:
     wait_until(lambda: world.metric("twofold_gateway_connections", environment="cat") == 0, 5)
     full_before = world.metric("twofold_gateway_connections_dropped_total", environment="cat", reason="full")
