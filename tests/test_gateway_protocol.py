@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -188,3 +190,22 @@ def test_a_client_that_hangs_up_while_its_request_is_forwarded_is_logged_and_har
     with RawClient(world) as again:
         again.send(http_request("GET", "/accessapi/balance"))
         assert [a.status for a in again.answers(1)] == [200]
+
+
+def test_clients_that_reset_their_connection_are_let_go_at_once(world: World) -> None:
+    """A reset makes the poll report an error, after which uvloop calls the reader once and
+    closes the poll: the connection must notice the reset then, not at its header deadline
+    (seconds later) — after a request, and with half a request sent just before the reset."""
+    wait_until(lambda: world.metric("twofold_gateway_connections", environment="cat") == 0, 5)
+    clients = [RawClient(world) for _ in range(30)]
+    for client in clients[:10]:
+        client.send(http_request("GET", "/accessapi/balance"))
+        assert [a.status for a in client.answers(1)] == [200]
+    assert world.metric("twofold_gateway_connections", environment="cat") == 30
+    for client in clients:
+        client.tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    for client in clients:
+        client.send(b"GET /accessapi/balance HTTP/1.1\r\nHost: loc")
+        client.tls.close()  # with SO_LINGER 0: a reset instead of a FIN
+    elapsed = wait_until(lambda: world.metric("twofold_gateway_connections", environment="cat") == 0, 8)
+    assert elapsed < 1.0, f"reset connections were held for {elapsed:.1f} s"

@@ -178,6 +178,9 @@ class TLSConnection(asyncio.Transport):
         except Exception:
             log.exception("a connection could not be set up")
             self.abort()
+            return
+        if self._state == _OPEN and self._reading:
+            self._read()  # a request sent with the handshake's last flight, or a reset (see _read)
 
     def end_handshake(self, *, shed: bool = True) -> None:
         """End the connection before its handshake completes (shed, timed out, or failed)."""
@@ -216,8 +219,11 @@ class TLSConnection(asyncio.Transport):
                 log.exception("the gateway protocol failed on received data")
                 self.abort()
                 return
-            if self._state != _OPEN or not self._reading or not ssl_object.pending():
+            if self._state != _OPEN or not self._reading:
                 return
+            # Read on until OpenSSL wants more from the socket: when the poll reported an error
+            # (a reset), uvloop calls this once and then closes the poll, so an error not read
+            # now would never be noticed.
 
     def _eof(self) -> None:
         try:
@@ -364,14 +370,15 @@ class TLSConnection(asyncio.Transport):
 
     def _drain(self) -> None:
         """Lingering: the client's last bytes (and its close_notify) are read and dropped."""
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._finish(None)
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+        self._finish(None)
 
     def abort(self) -> None:
         if self._state == _HANDSHAKE:
