@@ -81,9 +81,16 @@ class Connections:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for listener in self.listeners:
-                listener.expire_handshakes(now - HANDSHAKE_TIMEOUT)
+                try:
+                    listener.expire_handshakes(now - HANDSHAKE_TIMEOUT)
+                except Exception:  # the sweep must go on: every deadline depends on it
+                    log.exception("ending timed-out handshakes failed")
             for protocol in [p for p in self.active if p.deadline is not None and p.deadline <= now]:
-                protocol.expire()
+                try:
+                    protocol.expire()
+                except Exception:
+                    log.exception("a connection's deadline could not be applied")
+                    protocol.abort()
 
     def oldest_pending(self) -> TLSConnection | None:
         """The connection that has been in its TLS handshake longest, on any listener."""
@@ -167,17 +174,20 @@ class Listener:
             sock.close()
             return
         if self.open >= self.max_connections or connections.open >= connections.budget:
-            victim = next(iter(self.pending), None) if self.open >= self.max_connections else None
-            victim = victim or connections.oldest_pending()
+            # this listener full: only its own handshakes make room; else the process's oldest
+            if self.open >= self.max_connections:
+                victim = next(iter(self.pending), None)
+            else:
+                victim = connections.oldest_pending()
             if victim is None:
                 self._full.inc()
                 sock.close()
                 return
             victim.end_handshake(shed=True)
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = TLSConnection(
                 asyncio.get_running_loop(),
                 sock,
@@ -186,14 +196,18 @@ class Listener:
                 self._ready,
                 self._failed,
             )
-        except (OSError, ValueError) as exc:
-            log.warning("a connection could not be set up for TLS (%s)", exc)
+        except Exception as exc:  # the client may have gone already; the next one is accepted
+            log.warning("a connection could not be set up for TLS (%s)", type(exc).__name__)
             sock.close()
             return
         self.open += 1
         connections.open += 1
         self.pending[connection] = None
-        connection.start()
+        try:
+            connection.start()
+        except Exception:
+            log.exception("a connection's TLS could not be started")
+            connection.end_handshake(shed=False)
 
     def expire_handshakes(self, started_before: float) -> None:
         """End the handshakes that began before ``started_before`` (they took too long)."""

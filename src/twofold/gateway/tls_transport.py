@@ -34,6 +34,8 @@ from typing import Any
 log = logging.getLogger("twofold.gateway")
 
 LINGER = 5.0  # seconds a closed connection waits for the client's close (its close_notify or FIN)
+FLUSH_TIMEOUT = 30.0  # closing with an answer still buffered: seconds allowed without progress
+_RECORDS_PER_EVENT = 16  # then other connections run, and this one goes on at the next iteration
 _RECORD = 16 * 1024  # the most plaintext one TLS record carries
 _HIGH_WATER, _LOW_WATER = 64 * 1024, 16 * 1024
 
@@ -123,7 +125,8 @@ class TLSConnection(asyncio.Transport):
     def _readable(self) -> None:
         state = self._state
         if state == _OPEN:
-            self._read()
+            if self._reading and not self._read_blocked:
+                self._read()
         elif state == _HANDSHAKE:
             self._handshake()
         elif state == _LINGERING:
@@ -135,8 +138,11 @@ class TLSConnection(asyncio.Transport):
             self._handshake()
         elif self._read_blocked and state == _OPEN:
             self._read_blocked = False
-            self._stop_writer()
-            if self._reading:
+            if self._buffer:
+                self._flush()  # it stops the writer once the buffer is empty
+            else:
+                self._stop_writer()
+            if self._state == _OPEN and self._reading and not self._read_blocked:
                 self._loop.add_reader(self._fd, self._readable)
                 self._read()
         elif self._buffer:
@@ -177,7 +183,12 @@ class TLSConnection(asyncio.Transport):
             protocol.connection_made(self)
         except Exception:
             log.exception("a connection could not be set up")
-            self.abort()
+            if self._protocol is None:  # no protocol to tell: the listener is told instead
+                self._state = _CLOSED
+                self._release_socket()
+                self._failed(self, False)
+            else:
+                self.abort()
             return
         if self._state == _OPEN and self._reading:
             self._read()  # a request sent with the handshake's last flight, or a reset (see _read)
@@ -194,7 +205,7 @@ class TLSConnection(asyncio.Transport):
 
     def _read(self) -> None:
         ssl_object = self._ssl
-        while True:
+        for _ in range(_RECORDS_PER_EVENT):
             try:
                 data = ssl_object.read(_RECORD)
             except ssl.SSLWantReadError:
@@ -224,6 +235,9 @@ class TLSConnection(asyncio.Transport):
             # Read on until OpenSSL wants more from the socket: when the poll reported an error
             # (a reset), uvloop calls this once and then closes the poll, so an error not read
             # now would never be noticed.
+        # A client that keeps the socket full: go on at the next iteration (not from the poll),
+        # so that one connection cannot hold the loop.
+        self._loop.call_soon(self._readable)
 
     def _eof(self) -> None:
         try:
@@ -291,6 +305,8 @@ class TLSConnection(asyncio.Transport):
                 self._finish(exc)
                 return
             self._buffered -= len(buffer.popleft())
+            if self._state == _CLOSING:
+                self._deadline(FLUSH_TIMEOUT)
             if len(buffer) > 1:  # fewer, larger records
                 joined = b"".join(buffer)
                 buffer.clear()
@@ -339,7 +355,7 @@ class TLSConnection(asyncio.Transport):
         if self._reading and not self._read_blocked:
             self._loop.remove_reader(self._fd)
         if self._buffer:
-            self._linger_for(LINGER)  # a client that does not read its answer is not waited for long
+            self._deadline(FLUSH_TIMEOUT)  # re-armed by every write that makes progress
         else:
             self._shutdown()
 
@@ -348,7 +364,7 @@ class TLSConnection(asyncio.Transport):
             self._ssl.shutdown()
         except ssl.SSLWantWriteError:
             self._want_writer()
-            self._linger_for(LINGER)
+            self._deadline(LINGER)
             return
         except (OSError, ValueError):
             # Our close_notify is sent (or cannot be); the client's has not come yet, or the
@@ -362,15 +378,17 @@ class TLSConnection(asyncio.Transport):
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         self._loop.add_reader(self._fd, self._readable)
-        self._linger_for(LINGER)
+        self._deadline(LINGER)
 
-    def _linger_for(self, seconds: float) -> None:
-        if self._linger is None:
-            self._linger = self._loop.call_later(seconds, self._finish, None)
+    def _deadline(self, seconds: float) -> None:
+        """Closing: finish the connection in ``seconds`` (replacing the deadline set before)."""
+        if self._linger is not None:
+            self._linger.cancel()
+        self._linger = self._loop.call_later(seconds, self._finish, None)
 
     def _drain(self) -> None:
         """Lingering: the client's last bytes (and its close_notify) are read and dropped."""
-        while True:
+        for _ in range(_RECORDS_PER_EVENT):
             try:
                 if not self.sock.recv(65536):
                     break
@@ -378,6 +396,9 @@ class TLSConnection(asyncio.Transport):
                 return
             except OSError:
                 break
+        else:
+            self._loop.call_soon(self._readable)
+            return
         self._finish(None)
 
     def abort(self) -> None:
