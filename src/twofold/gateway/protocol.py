@@ -559,13 +559,15 @@ class GatewayProtocol(asyncio.Protocol):
         head = request.head
         last = self._parser_done and bool(self._queue) and request is self._queue[-1]
         close = request.close or not request.keep_alive or last
+        # Recorded first: the TLS transport writes to the socket at once, and the access log
+        # line and the metrics must be there by the time the client has its answer.
+        self._record(request, None, response.status)
         if self._transport is not None and not self._closing:
             self._transport.write(
                 serialise_response(
                     response, head_only=head is not None and head.method == "HEAD", close=close
                 )
             )
-        self._record(request, None, response.status)
 
     def _record(self, request: _Request, error: TwofoldError | None, status: int) -> None:
         if error is not None:

@@ -11,8 +11,8 @@ handshake than uvloop's TLS, and no Task per connection.
 :class:`TLSConnection` is an ``asyncio.Transport`` for an ``asyncio.Protocol`` once its
 handshake has completed: ``ready(connection)`` returns the protocol, then its
 ``connection_made`` is called; ``failed(connection, shed)`` is called instead when the
-handshake fails or is ended. It is also the ``ssl_object`` of the connection (its
-``context`` may be switched by an SNI callback; ``getpeercert``, ``cipher``, ``version``).
+handshake fails or is ended. It is also the ``ssl_object`` of the connection
+(``getpeercert``, ``cipher``, ``version``).
 
 Closing sends ``close_notify`` after what is buffered, then waits for the client to close
 (at most :data:`LINGER` seconds, reading and discarding), so that an answer written just
@@ -101,15 +101,7 @@ class TLSConnection(asyncio.Transport):
         self._loop.add_reader(self._fd, self._readable)
         self._handshake()
 
-    # --- the ssl_object view (an SNI callback gets this object) -------------------------------
-
-    @property
-    def context(self) -> ssl.SSLContext:
-        return self._ssl.context  # type: ignore[no-any-return]
-
-    @context.setter
-    def context(self, context: ssl.SSLContext) -> None:
-        self._ssl.context = context
+    # --- the ssl_object view ------------------------------------------------------------------
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._ssl.getpeercert(binary_form)
@@ -177,18 +169,18 @@ class TLSConnection(asyncio.Transport):
             self.end_handshake(shed=False)
             return
         self._stop_writer()
-        self._state = _OPEN
         try:
-            protocol = self._protocol = self._ready(self)
+            protocol = self._ready(self)
+        except Exception:  # no protocol to tell: the listener is told instead
+            log.exception("a connection could not be set up")
+            self.end_handshake(shed=False)
+            return
+        self._protocol, self._state = protocol, _OPEN
+        try:
             protocol.connection_made(self)
         except Exception:
             log.exception("a connection could not be set up")
-            if self._protocol is None:  # no protocol to tell: the listener is told instead
-                self._state = _CLOSED
-                self._release_socket()
-                self._failed(self, False)
-            else:
-                self.abort()
+            self.abort()
             return
         if self._state == _OPEN and self._reading:
             self._read()  # a request sent with the handshake's last flight, or a reset (see _read)

@@ -25,16 +25,16 @@ class Trust:
         self, key: PrivateKey, certificate: x509.Certificate, chain: tuple[x509.Certificate, ...] = ()
     ) -> None:
         self.key, self.certificate, self.chain = key, certificate, chain
-        self.newest: dict[str, ssl.SSLContext] = {}  # per listening environment
+        self._newest: dict[str, ssl.SSLContext] = {}  # per listening environment
         self._marker: dict[str, frozenset[str]] = {}
 
     def update(self, snapshot: Snapshot) -> None:
         """Build a new context for every listening environment whose trusted set changed (an
         environment without a TLS listener — none, or behind a TLS edge — builds none)."""
-        for env in list(self.newest):
+        for env in list(self._newest):
             marker = _marker(snapshot, env)
             if self._marker.get(env) != marker:
-                self.newest[env] = self._context(snapshot.trusted_certificates(env))
+                self._newest[env] = self._context(snapshot.trusted_certificates(env))
                 self._marker[env] = marker
 
     def _context(self, trusted: list[x509.Certificate]) -> ssl.SSLContext:
@@ -43,9 +43,9 @@ class Trust:
     def context(self, env: str, snapshot: Snapshot) -> ssl.SSLContext:
         """The newest context of an environment's listener (built on the first call; from then
         on the environment's contexts follow the snapshot)."""
-        context = self.newest.get(env)
+        context = self._newest.get(env)
         if context is None:
-            context = self.newest[env] = self._context(snapshot.trusted_certificates(env))
+            context = self._newest[env] = self._context(snapshot.trusted_certificates(env))
             self._marker[env] = _marker(snapshot, env)
         return context
 
